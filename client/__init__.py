@@ -1,0 +1,1 @@
+"""Talking to LLM servers: transport, rate limits, retries, the durable request store."""

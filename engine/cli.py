@@ -1,0 +1,51 @@
+"""The `neuronatlas` command.
+
+Each package registers its own subcommands: the engine owns recording and reading stores, the
+client (`client.cli.register`) owns everything that talks to an LLM server. Errors that a user can
+fix are raised as `UserError` and printed as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+from engine.errors import UserError  # noqa: F401  (re-exported for the client's commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuronatlas",
+        description="Record every MLP neuron of a language model, then explain and score them.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from engine import commands as engine_commands
+
+    engine_commands.register(sub)
+    try:
+        from client import cli as client_cli
+    except ImportError as exc:  # the client is optional for recording only installs
+        client_cli = None
+        _client_import_error = exc
+    if client_cli is not None and hasattr(client_cli, "register"):
+        client_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except UserError as exc:
+        print(f"neuronatlas {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"neuronatlas {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

