@@ -49,6 +49,13 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the attributes as JSON")
     p.set_defaults(func=cmd_info)
 
+    try:
+        from engine import bench
+    except ImportError:
+        bench = None
+    if bench is not None:
+        bench.register(sub)
+
 
 def cmd_record(args: argparse.Namespace) -> int:
     from engine.recorder import RecordConfig, record

@@ -302,11 +302,15 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         raise UserError("--top-k must be at least 1, sample sizes at least 0")
     if cfg.max_excerpts is not None and cfg.max_excerpts < 1:
         raise UserError("--max-excerpts must be at least 1")
-    if cfg.backend not in ("auto", "torch"):
-        raise UserError(f"unknown --backend '{cfg.backend}': use auto or torch")
     exists = _prepare_out(out)
     device = resolve_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
+    from kernels import select_update
+
+    try:
+        update_layer = select_update(cfg.backend, device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.excerpt_len, cfg.max_excerpts, cfg.text_field)
@@ -382,7 +386,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     def on_layer(i: int, acts: torch.Tensor) -> None:
         if bos:
             acts = acts[:, 1:, :]
-        flags.append(ref.update_layer(states[i], spec, acts, current["batch"]))
+        flags.append(update_layer(states[i], spec, acts, current["batch"]))
 
     def checkpoint(done: int, complete: bool) -> None:
         nonlocal generation
