@@ -56,15 +56,17 @@ def is_store(path: Path) -> bool:
 
 
 def write_array(group, name: str, data: np.ndarray, attrs: dict, dims: tuple[str, ...]):
-    """Write `data` neuron-major: one neuron's slice of a large array is one inner chunk of a
-    shard (one read); small per-neuron arrays are chunked by blocks of neurons."""
+    """Write `data` neuron-major. Large arrays: shards of 512 neurons holding inner chunks of 8
+    (a neuron's slice is one read of one small chunk; one chunk per neuron made checkpoints 4x
+    slower to write, with no faster read). Small arrays: one chunk per block of neurons."""
     data = np.ascontiguousarray(data)
     shape = data.shape
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * data.itemsize if len(shape) > 1 else data.itemsize
     kw = {}
     if len(shape) > 1 and row_bytes >= 2048 and shape[0] > 1:
-        kw["shards"] = (min(shape[0], 256), *shape[1:])
-        kw["chunks"] = (1, *shape[1:])
+        c = min(shape[0], 8)
+        kw["chunks"] = (c, *shape[1:])
+        kw["shards"] = (min(512, c * -(-shape[0] // c)), *shape[1:])
     else:
         rows = max(1, min(shape[0] if shape else 1, (1 << 20) // max(row_bytes, 1)))
         kw["chunks"] = (rows, *shape[1:]) if shape else ()
@@ -125,6 +127,11 @@ def _layer_arrays(state: dict[str, np.ndarray], negatives: bool):
     out += [
         ("random_acts", state["random_acts"], ("neuron", "slot", "token"),
          "activations of the run's random sample (ids in checkpoint array random_ids)"),
+    ]
+    if "random_ids" in state:  # optional (imported stores): each neuron's own random sample
+        out += [("random_ids", state["random_ids"], ("neuron", "slot"),
+                 "this neuron's random sample excerpt ids, preferred over the checkpoint's; -1 = empty")]
+    out += [
         ("prefix_max", state["prefix_max"], ("neuron", "prefix_excerpt"),
          "maxima of the prefix excerpts while the prefix is incomplete"),
         ("quant_bounds", state["quant_bounds"], ("neuron", "boundary"), "quantile bucket boundaries; NaN = not set"),
@@ -411,7 +418,8 @@ class Store:
             most_positive_activation_records=self._records(g["top_ids"][index], g["top_acts"][index]),
             most_negative_activation_records=(
                 self._records(g["neg_ids"][index], g["neg_acts"][index]) if negatives else None),
-            random_sample=self._records(self.random_ids, g["random_acts"][index]),
+            random_sample=self._records(
+                g["random_ids"][index] if "random_ids" in g else self.random_ids, g["random_acts"][index]),
             random_sample_by_quantile=[self._records(quant_ids[q], quant_acts[q]) for q in range(len(quant_ids))],
             quantile_boundaries=[float(v) for v in g["quant_bounds"][index]],
             quantile_probs=list(self.spec["quantile_probs"]),

@@ -26,7 +26,9 @@ that a faster implementation can be checked against this one:
   1 + clamp(floor((x - lo) / (hi - lo) * H), 0, H - 1). The prefix maxima are binned when the range
   is set, so every excerpt is counted once.
 * **Moments** over all tokens: per batch, sums of (x - c)^k for k = 1..4 around the batch's float32
-  mean c, accumulated in float64 and turned into central moments of the batch, then merged into
+  mean c (powers and per-excerpt sums in float32, the sum over excerpts in float64), turned into
+  central moments of the
+  batch, then merged into
   the running (count, mean, M2, M3, M4) with the pairwise update of Pebay (2008). No raw power sums,
   so no catastrophic cancellation. Also the minimum, maximum and number of positive activations.
 """
@@ -317,14 +319,18 @@ def set_boundaries(state: LayerState, spec: ReductionSpec, n_prefix: int) -> Non
 
 
 def _merge_moments(state: LayerState, x: torch.Tensor) -> torch.Tensor:
-    """Fold the batch x [M, N] (float32) into the running moments (Pebay's pairwise update).
+    """Fold the batch x [B, T, N] (float32) into the running moments (Pebay's pairwise update).
 
     Returns a 0-d bool tensor: whether the batch held a NaN or an infinity (they poison s1)."""
-    nb = x.shape[0]
-    c = x.mean(dim=0)
-    d = (x - c).double()
+    nb = x.shape[0] * x.shape[1]
+    c = x.mean(dim=(0, 1))
+    d = x - c
     d2 = d * d
-    s1, s2, s3, s4 = d.sum(0), d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
+
+    def total(v):  # float32 within an excerpt, float64 across excerpts
+        return v.sum(1).double().sum(0)
+
+    s1, s2, s3, s4 = total(d), total(d2), total(d2 * d), total(d2 * d2)
     u = s1 / nb  # exact batch mean = c + u; |u| is rounding-small
     mb = c.double() + u
     m2b = s2 - nb * u * u
@@ -409,7 +415,7 @@ def update_layer(state: LayerState, spec: ReductionSpec, acts: torch.Tensor, bat
         state.quant_acts = _gather_rows(state.quant_acts.reshape(N, Q * S, T), acts_nbt, src2, Q * S).reshape(N, Q, S, T)
 
     xs = x.reshape(B * T, N)
-    nonfinite = _merge_moments(state, xs)
+    nonfinite = _merge_moments(state, x)
     state.count += B * T
     state.amin = torch.minimum(state.amin, xs.amin(0))
     state.amax = torch.maximum(state.amax, xs.amax(0))
