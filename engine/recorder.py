@@ -10,6 +10,7 @@ checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -206,8 +207,9 @@ def _identity(cfg: RecordConfig, lm: LoadedModel, corpus: Corpus, spec: ref.Redu
               dtype: torch.dtype, bos: bool) -> dict:
     model = {k: lm.identity[k] for k in ("name", "gguf_file", "revision", "model_type",
                                           "architecture", "n_layers", "n_neurons")}
-    return {"model": model, "dtype": str(dtype).removeprefix("torch."), "bos": bos,
-            "corpus": corpus.description, "spec": dataclasses.asdict(spec)}
+    identity = {"model": model, "dtype": str(dtype).removeprefix("torch."), "bos": bos,
+                "corpus": corpus.description, "spec": dataclasses.asdict(spec)}
+    return json.loads(json.dumps(identity))  # as the store will give it back (lists, not tuples)
 
 
 def _check_identity(path: Path, identity: dict) -> dict:
