@@ -147,7 +147,9 @@ def load_tokenizer(name: str, revision: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision, **kw)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(exc)}") from None
+        if Path(path).exists():
+            raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(exc)}") from None
+        raise UserError(f"unknown model '{name}': no such local path, and from the hub: {_first_line(exc)}") from None
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,

@@ -229,7 +229,8 @@ def _check_identity(path: Path, identity: dict) -> dict:
 
 
 def _prepare_out(path: Path) -> bool:
-    """True if `path` already holds a store; raises if it holds anything else or is unwritable."""
+    """True if `path` already holds a store. Raises if it holds anything else or cannot be
+    written; creates nothing (the store is created once the model and corpus have loaded)."""
     if path.exists():
         if not path.is_dir():
             raise UserError(f"--out '{path}' is a file, not a directory")
@@ -239,13 +240,13 @@ def _prepare_out(path: Path) -> bool:
             return True
         if any(path.iterdir()):
             raise UserError(f"--out '{path}' is a non-empty directory that is not a neuronatlas store; choose another path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to '{path}': {exc.strerror or exc}") from None
+        parent = path
+    else:
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to '{path}': '{parent}' is not a writable directory")
     return False
 
 
