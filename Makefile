@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch (the plain name pulls several GB of CUDA wheels); override on a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_STORE ?= demo-store
-DEMO_EXCERPTS ?= 1024
+DEMO_EXCERPTS ?= 256
 
 .PHONY: setup demo test bench clean
 

