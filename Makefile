@@ -21,6 +21,7 @@ $(BIN)/.stamp: pyproject.toml
 setup: $(BIN)/.stamp
 
 demo: setup
+	rm -rf $(DEMO_STORE)  # the demo always records afresh
 	$(BIN)/neuronatlas record --out $(DEMO_STORE) --max-excerpts $(DEMO_EXCERPTS)
 	$(BIN)/neuronatlas info $(DEMO_STORE)
 	$(BIN)/python -m engine.demo $(DEMO_STORE)

@@ -9,9 +9,13 @@ import numpy as np
 from engine.store import open_store
 
 
-def excerpt_line(tokens: list[str], acts: list[float], scale: float, width: int = 80) -> str:
-    """Tokens with the active ones bracketed: [token:activation] where activation >= half of scale."""
-    parts = []
+def excerpt_line(tokens: list[str], acts: list[float], scale: float, width: int = 90) -> str:
+    """Tokens around the strongest one, the active ones bracketed: [token:activation] where the
+    activation is at least half of scale."""
+    peak = int(np.argmax(acts))
+    lo = max(0, peak - 12)
+    tokens, acts = tokens[lo : peak + 12], acts[lo : peak + 12]
+    parts = ["..."] if lo else []
     for t, a in zip(tokens, acts):
         t = t.replace("\n", "\\n")
         parts.append(f"[{t}:{a:.2f}]" if scale > 0 and a >= 0.5 * scale else t)
