@@ -27,6 +27,7 @@ demo: setup
 	$(BIN)/python -m engine.demo $(DEMO_STORE)
 
 test: setup
+	sh tests/atlas/ci-setup.sh  # Debian's chromium for the atlas's browser tests (skips when present)
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup

@@ -40,7 +40,12 @@ def register(sub) -> None:
                    help="prepend the BOS token to each excerpt (auto: when the tokenizer does)")
     p.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
                    help="seconds between checkpoints (default 300)")
-    p.add_argument("--backend", default="auto", help="reduction backend: auto or torch")
+    p.add_argument("--backend", default="auto",
+                   help="reduction backend: auto (triton on CUDA, torch elsewhere), triton (fused kernels; "
+                   "on a CPU only with TRITON_INTERPRET=1) or torch (the reference)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the forward pass through torch.compile (with --backend triton the reductions "
+                   "join the compiled graph)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_record)
 
@@ -55,6 +60,9 @@ def register(sub) -> None:
         bench = None
     if bench is not None:
         bench.register(sub)
+    from engine import atlas  # show, view, export, import
+
+    atlas.register(sub)
 
 
 def cmd_record(args: argparse.Namespace) -> int:

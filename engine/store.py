@@ -131,6 +131,8 @@ def _layer_arrays(state: dict[str, np.ndarray], negatives: bool):
     if "random_ids" in state:  # optional (imported stores): each neuron's own random sample
         out += [("random_ids", state["random_ids"], ("neuron", "slot"),
                  "this neuron's random sample excerpt ids, preferred over the checkpoint's; -1 = empty")]
+    if "stats" in state:  # optional (imported stores): published statistics, preferred over moments
+        out += [("stats", state["stats"], ("neuron", "stat"), "mean, variance, skewness, kurtosis as published")]
     out += [
         ("prefix_max", state["prefix_max"], ("neuron", "prefix_excerpt"),
          "maxima of the prefix excerpts while the prefix is incomplete"),
@@ -322,6 +324,18 @@ class TokenIds:
         return self._all() if dtype is None else self._all().astype(dtype)
 
 
+def _moment_stats(g, count: int, sl: slice) -> dict[str, np.ndarray]:
+    """mean, variance, skewness, kurtosis of neurons `sl` of layer group `g`: from the optional
+    `stats` array where a layer has one (imported stores: published values, which no (count, M2,
+    M3, M4) reproduces bit for bit through moment_stats), else from the moments."""
+    if "stats" in g:
+        s = np.asarray(g["stats"][sl], dtype=np.float64)
+        return {"mean": s[:, 0], "variance": s[:, 1], "skewness": s[:, 2], "kurtosis": s[:, 3]}
+    from kernels.reference import moment_stats
+
+    return moment_stats(count, np.asarray(g["moments"][sl]))
+
+
 class Store:
     """A recorded run, opened read-only. Use `open_store(path)`."""
 
@@ -407,9 +421,7 @@ class Store:
         if not 0 <= index < n:
             raise UserError(f"neuron {index} out of range: layer {layer} has neurons 0..{n - 1}")
         count = int(g.attrs["count"])
-        from kernels.reference import moment_stats
-
-        stats = moment_stats(count, np.asarray(g["moments"][index : index + 1]))
+        stats = _moment_stats(g, count, slice(index, index + 1))
         negatives = "neg_ids" in g
         quant_ids = np.asarray(g["quant_ids"][index])
         quant_acts = np.asarray(g["quant_acts"][index])
@@ -437,19 +449,50 @@ class Store:
 
     def layer_summary(self, layer: int) -> dict[str, np.ndarray]:
         """Per-neuron scalars of a layer (max, min, mean, variance, frac_positive, ...)."""
-        from kernels.reference import moment_stats
-
         g = self._layer(layer)
         count = int(g.attrs["count"])
-        out = moment_stats(count, np.asarray(g["moments"][...]))
+        out = _moment_stats(g, count, slice(None))
         out["max"] = np.asarray(g["amax"][...])
         out["min"] = np.asarray(g["amin"][...])
         out["frac_positive"] = np.asarray(g["n_positive"][...]) / max(count, 1)
         return out
 
     def explanations(self, layer: int, index: int) -> list[dict]:
-        """Explanations and scores of a neuron (filled in by the explain/score commands)."""
-        return []
+        """Explanations and scores of a neuron written by `neuronatlas explain/simulate/score`: one
+        dict per (explainer model, simulator model, prompt version), best score first. Keys:
+        explanation, explainer_model, simulator_model, prompt_version, status, score (pooled
+        top+random correlation; None = undefined or not scored yet), score_random_only, rsquared,
+        absolute_dev_explained, undefined (why a score is undefined), error, simulation_mode, split,
+        updated, key, candidates (every explanation sampled, with its scores). Layout: docs/EXPLAIN.md."""
+        import json
+
+        base = self.path / "explanations"
+        if not base.is_dir():
+            return []
+        out = []
+        for group in sorted(base.iterdir()):
+            try:
+                rec = json.loads((group / "neurons" / f"{layer:03d}" / f"{index:06d}.json").read_bytes())
+            except (OSError, ValueError):
+                continue  # no result for this neuron in this group (or not a group at all)
+            if not isinstance(rec, dict) or "status" not in rec:
+                continue
+            d = {k: rec.get(k) for k in _EXPLANATION_KEYS}
+            d["key"] = group.name
+            d["candidates"] = [
+                {"explanation": c.get("explanation"), "error": c.get("error"),
+                 **{k: (c.get("scores") or {}).get(k) for k in ("score", "score_random_only", "rsquared",
+                                                                 "absolute_dev_explained")}}
+                for c in rec.get("candidates") or [] if isinstance(c, dict)]
+            out.append(d)
+        out.sort(key=lambda d: (not isinstance(d["score"], (int, float)), -(d["score"] or 0.0)))
+        return out
+
+
+_EXPLANATION_KEYS = ("explanation", "explainer_model", "simulator_model", "prompt_version", "status", "score",
+                     "score_random_only", "rsquared", "absolute_dev_explained", "undefined", "error",
+                     "simulation_mode", "split", "updated")
+"""Fields of a neuron's results file that Store.explanations returns (client/results.py writes them)."""
 
 
 def open_store(path: str | Path) -> Store:

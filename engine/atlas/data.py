@@ -10,11 +10,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from engine.errors import UserError
 
-IMPORTED_EXPLANATIONS = "imported-explanations"
-"""Directory inside an imported store holding the published `explanations/{layer}/{neuron}.jsonl`
-files verbatim (see docs/ATLAS.md); the atlas, `show` and `export` read them."""
+IMPORTED_EXPLANATIONS = "imported_explanations"
+"""Zarr group of an imported store holding the published `explanations/{layer}/{neuron}.jsonl`
+files verbatim: arrays `layer`, `neuron` [M], `offsets` [M + 1] and `bytes` (file i is
+bytes[offsets[i]:offsets[i + 1]], UTF-8). See docs/STORE_IMPORT.md."""
 
 
 @dataclass
@@ -26,7 +29,7 @@ class Explanation:
     score: float | None
     """Its score (correlation of simulated and true activations), None when not scored."""
     source: str
-    """Where it came from: 'store' (explain/score commands) or 'imported' (published files)."""
+    """Where it came from: 'explained by MODEL' (the explain/score commands) or 'imported'."""
 
 
 def _num(v) -> float | None:
@@ -36,15 +39,19 @@ def _num(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def from_store_dict(d: dict) -> Explanation:
-    """An entry of `Store.explanations()`: {'explanation' or 'text': str, 'score': float | dict}."""
-    text = d.get("explanation", d.get("text", ""))
+def from_store_dict(d: dict) -> Explanation | None:
+    """An entry of `Store.explanations()` (keys `explanation`, `score`, `explainer_model`, ...; see
+    its docstring), or None for an entry without an explanation yet (pending, failed)."""
+    text = d.get("explanation", d.get("text"))
+    if not isinstance(text, str) or not text.strip():
+        return None
     score = d.get("score", d.get("ev_correlation_score"))
     if isinstance(score, dict):  # e.g. {"all": 0.4, "top": ..., "random": ...}
         score = score.get("all", score.get("ev_correlation_score", next(iter(score.values()), None)))
     if score is None and isinstance(d.get("scored_simulation"), dict):
         score = d["scored_simulation"].get("ev_correlation_score")
-    return Explanation(str(text), _num(score), "store")
+    model = d.get("explainer_model")
+    return Explanation(text, _num(score), f"explained by {model}" if model else "store")
 
 
 def parse_openai_explanations(text: str) -> list[Explanation]:
@@ -61,19 +68,71 @@ def parse_openai_explanations(text: str) -> list[Explanation]:
     return out
 
 
-def imported_explanations_file(store_path: Path, layer: int, index: int) -> Path:
-    return Path(store_path) / IMPORTED_EXPLANATIONS / str(layer) / f"{index}.jsonl"
+_imported_index: dict[str, tuple] = {}
+
+
+def imported_explanations_text(store, layer: int, index: int) -> str | None:
+    """The published explanations file imported with a neuron's recording, or None."""
+    import zarr
+
+    path = Path(store.path).resolve()
+    key = f"{path}@{(path / 'zarr.json').stat().st_mtime_ns}"  # a store replaced at the same path
+    if key not in _imported_index:
+        root = zarr.open_group(str(path), mode="r")
+        if IMPORTED_EXPLANATIONS in root:
+            g = root[IMPORTED_EXPLANATIONS]
+            where = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(g["layer"][...], g["neuron"][...]))}
+            _imported_index[key] = (where, np.asarray(g["offsets"][...]), g["bytes"])
+        else:
+            _imported_index[key] = ({}, None, None)
+    where, offsets, data = _imported_index[key]
+    i = where.get((layer, index))
+    if i is None:
+        return None
+    return np.asarray(data[int(offsets[i]) : int(offsets[i + 1])]).tobytes().decode("utf-8")
+
+
+def write_imported_explanations(root, files: list[tuple[int, int, Path]]) -> None:
+    """Store the published explanation files (layer, neuron, path) verbatim in `root` (an open
+    store group), streaming their bytes so that no more than one file is held in memory."""
+    from engine import store as st
+
+    sizes = [p.stat().st_size for _, _, p in files]
+    offsets = np.zeros(len(files) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(sizes)
+    g = root.create_group(IMPORTED_EXPLANATIONS, attributes={
+        "description": "published explanation files (NeuronSimulationResults JSON lines), verbatim: "
+                       "file i is bytes[offsets[i]:offsets[i+1]] for neuron (layer[i], neuron[i])"})
+    st.write_array(g, "layer", np.array([f[0] for f in files], dtype=np.int32), {}, ("file",))
+    st.write_array(g, "neuron", np.array([f[1] for f in files], dtype=np.int32), {}, ("file",))
+    st.write_array(g, "offsets", offsets, {}, ("file_edge",))
+    total = int(offsets[-1])
+    block = 1 << 22
+    arr = g.create_array("bytes", shape=(total,), dtype=np.uint8, chunks=(max(1, min(total, block)),),
+                         compressors=st._blosc(1), fill_value=0, dimension_names=("byte",))
+    buf, start = bytearray(), 0
+    for (_, _, p), size in zip(files, sizes):
+        content = p.read_bytes()
+        if len(content) != size:
+            raise UserError(f"{p} changed while it was being imported; run the import again")
+        buf += content
+        if len(buf) >= block:
+            arr[start : start + len(buf)] = np.frombuffer(bytes(buf), dtype=np.uint8)
+            start += len(buf)
+            buf = bytearray()
+    if buf:
+        arr[start : start + len(buf)] = np.frombuffer(bytes(buf), dtype=np.uint8)
 
 
 def explanations(store, layer: int, index: int) -> list[Explanation]:
     """Every explanation of a neuron: the store's own, then any imported with the recording."""
-    out = [from_store_dict(d) for d in store.explanations(layer, index)]
-    f = imported_explanations_file(store.path, layer, index)
-    if f.is_file():
+    out = [e for e in map(from_store_dict, store.explanations(layer, index)) if e is not None]
+    text = imported_explanations_text(store, layer, index)
+    if text is not None:
         try:
-            out += parse_openai_explanations(f.read_text(encoding="utf-8"))
-        except (ValueError, AttributeError):
-            pass  # validated on import; a hand-edited file is skipped rather than fatal
+            out += parse_openai_explanations(text)
+        except (ValueError, AttributeError, TypeError):
+            pass  # checked on import
     return out
 
 
@@ -123,6 +182,8 @@ def default_jobs(n_neurons: int) -> int:
 # files and return small results. Spawned, not forked: zarr keeps an event-loop thread.
 
 _worker: dict = {}
+PARALLEL_MIN = 256
+"""Fewer neurons than this are done in this process whatever `jobs` says."""
 
 
 def _init(store_path: str) -> None:
@@ -139,7 +200,7 @@ def _run_block(fn, block, arg):
 def map_neurons(store, items: list[tuple[int, int]], fn, arg, jobs: int, progress=None):
     """[fn(store, layer, index, arg) for (layer, index) in items], in order, on `jobs` processes.
     `progress(n)` is called as neurons finish."""
-    if jobs <= 1 or len(items) < 256:
+    if jobs <= 1 or len(items) < PARALLEL_MIN:
         out = []
         for layer, index in items:
             out.append(fn(store, layer, index, arg))

@@ -1,0 +1,247 @@
+"""Export to OpenAI's published layout and import from it: shape, round trip, hand-written
+records, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.atlas import data
+from engine.atlas.export import export_openai, import_openai, moments_for
+from engine.cli import main
+from engine.store import open_store
+from tests.atlas.helpers import PUBLISHED_EXPLANATIONS, SHARED, published_records, write_published
+
+RECORD_KEYS = ["dataclass_name", "neuron_id", "random_sample", "random_sample_by_quantile", "quantile_boundaries",
+               "mean", "variance", "skewness", "kurtosis", "most_positive_activation_records"]
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def assert_same_records(a, b):
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.activations for r in a] == [r.activations for r in b]  # exact
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.parts[len(root.parts)] in ("collated-activations", "explanations")}
+
+
+@pytest.fixture(scope="module")
+def exported(hostile_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "openai"
+    export_openai(open_store(hostile_store), out, progress=False)
+    return out
+
+
+def test_export_layout_and_shape(hostile_store, exported):
+    s = open_store(hostile_store)
+    paths = sorted(exported.glob("collated-activations/*/*.json"))
+    assert len(paths) == sum(s.n_neurons)
+    assert not (exported / "explanations").exists()  # the store has no explanations yet
+    for layer, index in [(0, 0), (1, 7), (s.n_layers - 1, s.n_neurons[-1] - 1)]:
+        obj = json.loads((exported / "collated-activations" / str(layer) / f"{index}.json").read_text())
+        assert list(obj) == RECORD_KEYS
+        assert obj["dataclass_name"] == "NeuronRecord"
+        assert obj["neuron_id"] == {"dataclass_name": "NeuronId", "layer_index": layer, "neuron_index": index}
+        rec = s.neuron(layer, index)
+        for key, records in [("most_positive_activation_records", rec.most_positive_activation_records),
+                             ("random_sample", rec.random_sample)]:
+            assert [list(r) for r in obj[key]] == [["dataclass_name", "tokens", "activations"]] * len(records)
+            assert [r["tokens"] for r in obj[key]] == [r.tokens for r in records]
+            assert [r["activations"] for r in obj[key]] == [r.activations for r in records]
+        assert [[r["tokens"] for r in b] for b in obj["random_sample_by_quantile"]] == [
+            [r.tokens for r in b] for b in rec.random_sample_by_quantile]
+        assert obj["quantile_boundaries"] == rec.quantile_boundaries
+        for k in ("mean", "variance", "skewness", "kurtosis"):
+            assert same(obj[k], getattr(rec, k))
+
+
+def test_round_trip(hostile_store, exported, tmp_path):
+    """import(export(store)) reads back the original records; export of that equals the export."""
+    store2 = tmp_path / "imported"
+    import_openai(exported, store2, progress=False)
+    a, b = open_store(hostile_store), open_store(store2)
+    assert b.n_neurons == a.n_neurons and b.run["imported"]["source"] == str(exported.resolve())
+    assert b.run["model"]["weights"] is None
+    # Every neuron's record through the reader for a sample of neurons; the byte-equal second
+    # export below covers every neuron.
+    for layer in range(a.n_layers):
+        for index in range(layer, a.n_neurons[layer], 5):
+            ra, rb = a.neuron(layer, index), b.neuron(layer, index)
+            assert_same_records(ra.most_positive_activation_records, rb.most_positive_activation_records)
+            assert_same_records(ra.random_sample, rb.random_sample)
+            assert len(ra.random_sample_by_quantile) == len(rb.random_sample_by_quantile)
+            for qa, qb in zip(ra.random_sample_by_quantile, rb.random_sample_by_quantile):
+                assert_same_records(qa, qb)
+            assert ra.quantile_boundaries == rb.quantile_boundaries
+            for k in ("mean", "variance", "skewness", "kurtosis"):
+                assert same(getattr(ra, k), getattr(rb, k)), (layer, index, k)
+            assert rb.max == ra.max  # the top excerpts hold the maximum
+            assert math.isnan(rb.min)  # unknown from a published record
+            assert rb.most_negative_activation_records is None
+    # Excerpts shared between neurons are stored once (by token strings: the corpus repeats one).
+    assert len(b.token_ids) == len({tuple(a.tokens(i)) for i in range(a.excerpts_done)})
+    again = tmp_path / "again"
+    export_openai(b, again, progress=False)
+    assert files(again) == files(exported)
+
+
+def test_import_handwritten(published_dir, imported_store, tmp_path):
+    s = open_store(imported_store)
+    assert s.n_layers == 3 and s.n_neurons == [2, 0, 4]
+    want = published_records()
+    for (layer, index), obj in want.items():
+        rec = s.neuron(layer, index)
+        for key, got in [("most_positive_activation_records", rec.most_positive_activation_records),
+                         ("random_sample", rec.random_sample)]:
+            # Excerpts of 3 tokens are padded to 4 with "" and activation 0 (run attrs say so).
+            assert [r.tokens[: len(w["tokens"])] for r, w in zip(got, obj[key])] == [w["tokens"] for w in obj[key]]
+            assert [r.activations[: len(w["tokens"])] for r, w in zip(got, obj[key])] == [w["activations"] for w in obj[key]]
+            assert len(got) == len(obj[key])
+        assert [[r.activations[: len(w["activations"])] for r, w in zip(b, wb)]
+                for b, wb in zip(rec.random_sample_by_quantile, obj["random_sample_by_quantile"])] == [
+            [w["activations"] for w in wb] for wb in obj["random_sample_by_quantile"]]
+        assert (rec.mean, rec.variance, rec.skewness, rec.kurtosis) == (obj["mean"], obj["variance"], obj["skewness"], obj["kurtosis"])
+        assert rec.quantile_boundaries == obj["quantile_boundaries"]
+        assert rec.max == max(max(r["activations"]) for r in obj["most_positive_activation_records"])
+        expl = data.explanations(s, layer, index)
+        assert [(e.text, e.score) for e in expl] == PUBLISHED_EXPLANATIONS.get((layer, index), [])
+    assert s.run["imported"]["padded"] is True and s.run["dtype"] == "float64"
+    # One excerpt id for the excerpt that three records share.
+    ids = {r.excerpt_id for r in s.neuron(0, 0).most_positive_activation_records if r.tokens == SHARED["tokens"]}
+    ids |= {r.excerpt_id for r in s.neuron(0, 1).random_sample}
+    assert len(ids) == 1
+    # Gaps: neurons without a file have no excerpts and are not exported.
+    assert data.is_absent(s.neuron(2, 0))
+    out = tmp_path / "out"
+    export_openai(s, out, progress=False)
+    got = {p.relative_to(out / "collated-activations").as_posix(): json.loads(p.read_text())
+           for p in out.glob("collated-activations/*/*.json")}
+    assert got == {f"{layer}/{index}.json": obj for (layer, index), obj in want.items()}
+    for (layer, index) in PUBLISHED_EXPLANATIONS:
+        assert (out / "explanations" / str(layer) / f"{index}.jsonl").read_bytes() == (
+            published_dir / "explanations" / str(layer) / f"{index}.jsonl").read_bytes()
+
+
+def test_moments_are_consistent():
+    """The moments written for published statistics give them back through moment_stats
+    (to an ulp; the reader returns the published values themselves from `stats`)."""
+    from kernels.reference import moment_stats
+
+    rng = np.random.default_rng()
+    for _ in range(200):
+        want = [rng.normal(), rng.uniform(1e-4, 1e3), rng.normal() * 3, rng.uniform(-2, 60)]
+        got = moment_stats(2**20, moments_for(*want)[None])
+        assert [float(got[k][0]) for k in ("mean", "variance", "skewness", "kurtosis")] == pytest.approx(want, rel=1e-13)
+
+
+def bad_layouts(tmp: Path):
+    cases = {}
+    cases["missing"] = (tmp / "nope", "is not a directory")
+    (tmp / "empty").mkdir(parents=True)
+    cases["no layout"] = (tmp / "empty", "holds no collated-activations")
+
+    def one(name, text, message):
+        d = tmp / name
+        p = d / "collated-activations" / "0" / "1.json"
+        p.parent.mkdir(parents=True)
+        p.write_text(text)
+        cases[name] = (d, message)
+
+    rec = published_records()[(0, 1)]
+    one("invalid json", "{not json", "is not valid JSON")
+    one("wrong neuron", json.dumps({**rec, "neuron_id": {"layer_index": 0, "neuron_index": 5}}), "path says layer 0 neuron 1")
+    short = json.loads(json.dumps(rec))
+    short["most_positive_activation_records"][0]["activations"].pop()
+    one("length mismatch", json.dumps(short), "has 3 tokens but 2 activations")
+    one("not a record", json.dumps({**rec, "dataclass_name": "Explanation"}), "not a NeuronRecord")
+    one("bad number", json.dumps({**rec, "mean": "high"}), "'mean' is not a number")
+    return cases
+
+
+def test_import_bad_input(tmp_path, capsys):
+    for name, (src, message) in bad_layouts(tmp_path / "in").items():
+        out = tmp_path / "out" / name.replace(" ", "-")
+        rc = main(["import", str(src), "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2, name
+        assert message in err and err.count("\n") == 1, (name, err)
+        assert not out.exists(), name  # no damaged store
+        assert not [p for p in (tmp_path / "out").glob(".*")], name  # no temporary leftovers
+
+
+def test_import_refuses_existing_store(imported_store, published_dir, tmp_path, capsys):
+    before = sorted(p.name for p in imported_store.iterdir())
+    assert main(["import", str(published_dir), "--out", str(imported_store), "--no-progress"]) == 2
+    assert "already a neuronatlas store" in capsys.readouterr().err
+    assert sorted(p.name for p in imported_store.iterdir()) == before
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["export", str(imported_store), "--out", str(busy), "--no-progress"]) == 2
+    assert "not a neuronatlas export" in capsys.readouterr().err
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
+def test_cli_round_trip(published_dir, tmp_path, capsys):
+    """The commands themselves, and a second export over the first."""
+    store, out = tmp_path / "store", tmp_path / "out"
+    assert main(["import", str(published_dir / "collated-activations"), "--out", str(store), "--no-progress",
+                 "--quantile-probs", "0.5"]) == 0
+    assert open_store(store).spec["quantile_probs"] == [0.5]
+    assert main(["export", str(store), "--format", "openai", "--out", str(out), "--no-progress"]) == 0
+    assert main(["export", str(store), "--out", str(out), "--layers", "2", "--no-progress"]) == 0
+    assert [p.relative_to(out).as_posix() for p in sorted(out.glob("collated-activations/*/*.json"))] == [
+        "collated-activations/2/3.json"]
+    assert "Exported 1 neurons" in capsys.readouterr().out
+    assert main(["import", str(published_dir), "--out", str(tmp_path / "s2"), "--quantile-probs", "0.5,0.9"]) == 2
+    assert "--quantile-probs gives 2 quantiles" in capsys.readouterr().err
+
+
+def test_write_published_matches_docs(tmp_path):
+    """The hand-written layout is the one the importer finds from DIR or DIR/collated-activations."""
+    root = write_published(tmp_path / "p")
+    from engine.atlas.export import find_layout
+
+    assert find_layout(root) == (root / "collated-activations", root / "explanations")
+    assert find_layout(root / "collated-activations")[0] == root / "collated-activations"
+
+
+def test_parallel_export_equals_serial(hostile_store, exported, tmp_path, monkeypatch):
+    """Worker processes (each opening the store itself) write the same files."""
+    monkeypatch.setattr(data, "PARALLEL_MIN", 0)
+    out = tmp_path / "parallel"
+    export_openai(open_store(hostile_store), out, jobs=2, progress=False)
+    assert files(out) == files(exported)
+
+
+def test_store_explanations_are_shown_and_exported(imported_store, tmp_path, monkeypatch, capsys):
+    """Explanations from the explain/score commands (Store.explanations' dicts) join the imported
+    ones: best first in show and view, appended as ScoredExplanations on export."""
+    from engine.atlas import view
+    from engine.store import Store
+
+    own = {(2, 3): [{"explanation": "cats <again>", "score": 0.9, "explainer_model": "gpt-x", "status": "done"},
+                    {"explanation": None, "score": None, "status": "error"}]}
+    monkeypatch.setattr(Store, "explanations", lambda self, layer, index: own.get((layer, index), []))
+    s = open_store(imported_store)
+    assert [(e.text, e.score, e.source) for e in data.explanations(s, 2, 3)] == [
+        ("cats <again>", 0.9, "explained by gpt-x"), ("the word cat", 0.35, "imported")]
+    assert main(["show", str(imported_store), "2", "3", "--color", "none"]) == 0
+    assert "explanation: cats <again> (score 0.900, explained by gpt-x)" in capsys.readouterr().out
+    payload, _ = view.neuron_payload(s, 2, 3, {"top": 1, "random": 1, "per_quantile": 1, "negative": 1})
+    assert [e["text"] for e in payload["explanations"]] == ["cats <again>", "the word cat"]
+    out = tmp_path / "out"
+    export_openai(s, out, progress=False)
+    line = json.loads((out / "explanations" / "2" / "3.jsonl").read_text())
+    assert [(e["explanation"], e["scored_simulation"]["ev_correlation_score"]) for e in line["scored_explanations"]] == [
+        ("the word cat", 0.35), ("cats <again>", 0.9)]
+    assert line["dataclass_name"] == "NeuronSimulationResults"

@@ -1,0 +1,125 @@
+"""`neuronatlas show`: truecolor in a real pseudo-terminal, 256 colours, a plain fallback, and
+corpus text that cannot reach the terminal as control sequences."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import subprocess
+import sys
+
+import pytest
+
+from engine.atlas.show import clean_token, color_mode, render
+from engine.cli import main
+from engine.store import open_store
+from tests.atlas.helpers import ROOT
+
+SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def run_in_pty(args: list[str], env: dict) -> str:
+    """Run the CLI with stdout on a pseudo-terminal (so isatty() is true) and return its output."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], stdout=slave, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, cwd=ROOT, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO once the child has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(60)
+    os.close(master)
+    assert proc.returncode == 0, proc.stderr.read().decode()
+    return b"".join(chunks).decode("utf-8")
+
+
+def test_truecolor_in_a_terminal(hostile_store):
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    env.update(COLORTERM="truecolor", TERM="xterm-256color", PYTHONPATH=str(ROOT))
+    out = run_in_pty(["show", str(hostile_store), "1", "3", "--top", "3", "--random", "2", "--width", "120"], env)
+    rec = open_store(hostile_store).neuron(1, 3)
+    assert "\x1b[48;2;" in out  # 24-bit background shading
+    assert f"max {rec.max:.4g}" in out and f"layer 1 · neuron 3" in SGR.sub("", out)
+    top = rec.most_positive_activation_records[0]
+    # The top excerpt's strongest token, shaded darkest (the end of the green ramp).
+    k = max(range(len(top.activations)), key=top.activations.__getitem__)
+    assert f"\x1b[48;2;22;140;52m\x1b[97m{clean_token(top.tokens[k], False)}\x1b[0m" in out.replace("\r\n", "\n")
+
+
+def test_plain_fallback_and_256(hostile_store, capsys, monkeypatch):
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.setenv("COLORTERM", "truecolor")
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["show", str(hostile_store), "0", "5", "--top", "4", "--width", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    rec = open_store(hostile_store).neuron(0, 5)
+    top = rec.most_positive_activation_records[0]
+    k = max(range(len(top.activations)), key=top.activations.__getitem__)
+    assert f"[{clean_token(top.tokens[k], True)}:{top.activations[k]:.2f}]" in out
+    assert "Top activating excerpts (4 of 8)" in out and "no explanation yet" in out
+    # Not a terminal: plain, whatever COLORTERM says.
+    monkeypatch.delenv("NO_COLOR")
+    assert main(["show", str(hostile_store), "0", "5"]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+    assert main(["show", str(hostile_store), "0", "5", "--color", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[48;5;" in out and "\x1b[48;2;" not in out
+
+
+def test_color_mode_conventions():
+    class Tty:
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    assert color_mode("auto", tty, {"COLORTERM": "truecolor"}) == "truecolor"
+    assert color_mode("auto", tty, {"COLORTERM": "24bit", "TERM": "xterm"}) == "truecolor"
+    assert color_mode("auto", tty, {"TERM": "xterm-256color"}) == "256"
+    assert color_mode("auto", tty, {"TERM": "dumb"}) == "none"
+    assert color_mode("auto", tty, {"COLORTERM": "truecolor", "NO_COLOR": "1"}) == "none"
+    assert color_mode("auto", sys.stdin if not sys.stdin.isatty() else None, {"COLORTERM": "truecolor"}) == "none"
+    assert color_mode("auto", None, {"FORCE_COLOR": "1", "COLORTERM": "truecolor"}) == "truecolor"
+    assert color_mode("256", None, {}) == "256"
+
+
+def test_corpus_cannot_drive_the_terminal(hostile_store):
+    """The corpus holds ESC [ 31 m: it is printed as the text \\x1b, never as an escape."""
+    s = open_store(hostile_store)
+    for mode in ("truecolor", "256", "none"):
+        out = render(s, 0, 11, mode, 120, top=100, random=100, per_quantile=100, negative=100)
+        assert "\x1b" not in SGR.sub("", out)  # only our own colour sequences
+        assert "\\x1b[31mRED\\x1b[0m" in SGR.sub("", out)
+
+
+def test_bad_neuron(hostile_store, capsys):
+    assert main(["show", str(hostile_store), "1", "999"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "neuron 999 out of range: layer 1 has neurons 0..71" in err
+    assert main(["show", str(hostile_store), "7", "0"]) == 2
+    assert "layer 7 out of range" in capsys.readouterr().err
+
+
+def test_imported_store_shows_explanations(imported_store, capsys):
+    assert main(["show", str(imported_store), "0", "0", "--color", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "explanation: cat, and markup like <b>bold</b> & co (score 0.610, imported)" in out
+    assert "<script>alert(1)</script>[ cat:2.25] &amp;" in out and "min —" in out
+
+
+@pytest.mark.parametrize("tok,plain,want", [("a\nb", True, "a\\nb"), ("a\nb", False, "a↵b"),
+                                            ("\x1b[2J", False, "\\x1b[2J"), ("\u202eevil", True, "\\u202eevil")])
+def test_clean_token(tok, plain, want):
+    assert clean_token(tok, plain) == want
