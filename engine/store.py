@@ -336,6 +336,25 @@ def _moment_stats(g, count: int, sl: slice) -> dict[str, np.ndarray]:
     return moment_stats(count, np.asarray(g["moments"][sl]))
 
 
+class _OpenLayer:
+    """A layer group whose arrays are opened once: reopening ~15 arrays (a metadata read each)
+    cost most of a `Store.neuron` call."""
+
+    def __init__(self, group):
+        self._group = group
+        self.attrs = dict(group.attrs)
+        self._names = set(group.array_keys())
+        self._arrays: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def __getitem__(self, name: str):
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+
 class Store:
     """A recorded run, opened read-only. Use `open_store(path)`."""
 
@@ -400,7 +419,7 @@ class Store:
         if not 0 <= layer < self.n_layers:
             raise UserError(f"layer {layer} out of range: the store has layers 0..{self.n_layers - 1}")
         if layer not in self._layers:
-            self._layers[layer] = self._checkpoint()[f"layers/{layer:03d}"]
+            self._layers[layer] = _OpenLayer(self._checkpoint()[f"layers/{layer:03d}"])
         return self._layers[layer]
 
     @cached_property
