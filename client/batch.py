@@ -1,0 +1,132 @@
+"""Request files in, result files out: the plumbing of `neuronatlas batch`.
+
+A request file is JSONL, one request a line, in either form:
+
+    {"id": "a1", "model": "gpt-4o-mini", "messages": [...], "max_tokens": 20}      # a body (+ optional id)
+    {"custom_id": "a1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}  # OpenAI Batch API
+
+A body with "messages" goes to /chat/completions, one with "prompt" to /completions; a line without an
+id is named by its line number. A line that cannot be used is reported with its number and the rest
+still run. The result file has one line per input line, in input order, written whole (atomically)
+at the end of every run from the store, so a rerun rewrites it complete:
+
+    {"id": "a1", "response": {...the reply...}}
+    {"id": "a2", "error": {"type": "http", "status": 400, "message": "..."}}
+    {"id": null, "line": 7, "error": {"type": "bad_input", "message": "line 7: not valid JSON (...)"}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from client.request import Request, guess_kind
+
+_URL_KINDS = {"/v1/chat/completions": "chat", "/chat/completions": "chat",
+              "/v1/completions": "completion", "/completions": "completion"}
+
+
+@dataclass
+class InputLine:
+    """One non-empty line of a request file."""
+
+    line: int
+    """1-based line number."""
+    id: Any
+    """The request's id (its line number when it has none); None when the line is not readable."""
+    request: Request | None = None
+    """The request, when the line is usable."""
+    error: str | None = None
+    """Why the line cannot be used ('line N: ...'), when it cannot."""
+
+
+def read_requests(path: str, default_model: str | None = None) -> list[InputLine]:
+    """Parse a request file; bad lines come back with `error` set, never raise for content.
+    Raises OSError if the file cannot be read."""
+    out: list[InputLine] = []
+    seen: dict[Any, int] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            item = _parse_line(n, text, default_model)
+            if item.error is None:
+                key = json.dumps(item.id, sort_keys=True)
+                if key in seen:
+                    item = InputLine(n, item.id, error=f"line {n}: id {item.id!r} is already used on line "
+                                     f"{seen[key]}; ids must be unique")
+                else:
+                    seen[key] = n
+            out.append(item)
+    return out
+
+
+def _parse_line(n: int, text: str, default_model: str | None) -> InputLine:
+    def bad(message: str, id: Any = None) -> InputLine:
+        return InputLine(n, id, error=f"line {n}: {message}")
+
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return bad(f"not valid JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(obj, dict):
+        return bad(f"a request must be a JSON object, not {type(obj).__name__}")
+    if "body" in obj and isinstance(obj.get("body"), dict) and ("url" in obj or "custom_id" in obj):
+        rid = obj.get("custom_id", obj.get("id", n))
+        body = dict(obj["body"])
+        url = obj.get("url")
+        kind = (_URL_KINDS.get(url) if isinstance(url, str) else None) if url else guess_kind(body)
+        if kind is None:
+            return bad(f"url {json.dumps(url)} is not /v1/chat/completions or /v1/completions", rid)
+    else:
+        body = dict(obj)
+        rid = body.pop("id", n)
+        kind = guess_kind(body)
+        if kind is None:
+            return bad('no "messages" (chat) or "prompt" (completion) in the request', rid)
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        return bad(f"id must be a string or an integer, not {json.dumps(rid)}")
+    if "model" not in body:
+        if not default_model:
+            return bad('no "model": add one to the line or pass --model', rid)
+        body["model"] = default_model
+    elif not isinstance(body["model"], str) or not body["model"]:
+        return bad(f'"model" must be a model name, not {json.dumps(body["model"])}', rid)
+    if kind == "chat" and not isinstance(body.get("messages"), list):
+        return bad('"messages" must be a list of {"role": ..., "content": ...}', rid)
+    if kind == "completion" and not isinstance(body.get("prompt"), (str, list)):
+        return bad('"prompt" must be a string or a list', rid)
+    try:
+        request = Request(body, kind, rid)
+    except (ValueError, TypeError) as exc:
+        return bad(str(exc), rid)
+    return InputLine(n, rid, request)
+
+
+def write_results(path: str, lines: list[InputLine], responses: dict[str, bytes], errors: dict[str, dict]) -> None:
+    """Write the result file atomically: a reader sees the old file or the whole new one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for item in lines:
+                if item.error is not None:
+                    record = {"id": item.id, "line": item.line, "error": {"type": "bad_input", "message": item.error}}
+                else:
+                    key = item.request.key
+                    raw = responses.get(key)
+                    if raw is not None:
+                        record = {"id": item.id, "response": json.loads(raw)}
+                    else:
+                        error = errors.get(key) or {"type": "interrupted", "message": "not finished"}
+                        record = {"id": item.id, "error": error}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,324 @@
+"""The client's subcommands of `neuronatlas`: batch, dead-letters, retry-dead.
+
+register() only builds parsers (cheap: `neuronatlas record` should not import aiohttp); each handler
+imports what it needs. `python -m client.cli ...` runs the same commands without the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server and limits")
+    g.add_argument("--base-url", default=None, help="API root of any OpenAI-compatible server "
+                   "(default: $OPENAI_BASE_URL or https://api.openai.com/v1)")
+    g.add_argument("--api-key", default=None,
+                   help="API key (default: $OPENAI_API_KEY; the variable keeps it out of `ps`)")
+    g.add_argument("--rpm", type=float, default=None,
+                   help="requests per minute allowed (default: learned from x-ratelimit-* headers)")
+    g.add_argument("--tpm", type=float, default=None,
+                   help="tokens per minute allowed (default: learned from x-ratelimit-* headers)")
+    g.add_argument("--max-in-flight", type=int, default=512,
+                   help="most requests in flight at once (default 512; at least RPM/60 x latency in s is needed)")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds per attempt before it is retried (default 120)")
+    g.add_argument("--deadline", type=float, default=900.0,
+                   help="seconds per request, from its first attempt, after which it is dead-lettered (default 900)")
+    g.add_argument("--max-attempts", type=int, default=10, help="attempts per request, 429s not counted (default 10)")
+    g.add_argument("--prices", default=None,
+                   help='JSON file of USD per 1M tokens, {"model": {"input": x, "output": y}} '
+                   '(default: $NEURONATLAS_PRICES)')
+    g.add_argument("--no-check", action="store_true", help="skip the GET /models check of the server before sending")
+    g.add_argument("--no-fsync", action="store_true",
+                   help="commit the store without fsync (survives crashes of this process, not power loss)")
+    g.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "off"],
+                   help="progress display (auto: a bar on a terminal, a line every 10 s otherwise)")
+
+
+def register(sub) -> None:
+    """Add the client's subcommands to `neuronatlas`'s subparsers."""
+    p = sub.add_parser(
+        "batch", help="send a JSONL file of OpenAI requests under rate limits; resumable",
+        description="Send every request of REQUESTS.jsonl (one OpenAI request body a line, optional \"id\"; or "
+        "OpenAI Batch API lines) to an OpenAI-compatible server under rate limits, with retries, and write one "
+        "result line per request to --out. Every reply is stored durably first: run the same command again after "
+        "a crash or Ctrl-C and only what is missing is sent.")
+    p.add_argument("requests", metavar="REQUESTS.jsonl", help="request file")
+    p.add_argument("--out", required=True, help="result file (JSONL, rewritten whole on every run)")
+    p.add_argument("--model", default=None, help="model for lines that do not name one")
+    p.add_argument("--store", default=None,
+                   help="request store (SQLite) (default: $NEURONATLAS_STORE or OUT.requests.sqlite)")
+    p.add_argument("--retry-dead", action="store_true",
+                   help="send requests again that an earlier run dead-lettered (default: report their error)")
+    _add_client_flags(p)
+    p.set_defaults(func=batch_command)
+
+    p = sub.add_parser("dead-letters", help="list the requests of a store that failed for good",
+                       description="List the dead-lettered requests of a request store, grouped by error.")
+    p.add_argument("--store", default=None, help="request store (default: $NEURONATLAS_STORE)")
+    p.add_argument("--json", action="store_true", help="one JSON object per dead letter (key, kind, body, error)")
+    p.add_argument("--limit", type=int, default=20, help="entries listed after the summary (default 20)")
+    p.set_defaults(func=dead_letters_command)
+
+    p = sub.add_parser("retry-dead", help="send the dead-lettered requests of a store again",
+                       description="Send every dead-lettered request of a store again; those that succeed move to "
+                       "the results (rerun `batch` to rewrite its result file).")
+    p.add_argument("--store", default=None, help="request store (default: $NEURONATLAS_STORE)")
+    _add_client_flags(p)
+    p.set_defaults(func=retry_dead_command)
+    __import__("client.explain_cli", fromlist=["register_explain"]).register_explain(sub)  # explain, simulate, score, top
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _user_error(message: str) -> Exception:
+    from engine.cli import UserError
+    return UserError(message)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _config(args, store_path: str, retry_dead: bool):
+    from client.config import ClientConfig
+    from client.prices import PriceTable
+    try:
+        prices = PriceTable.load(args.prices)
+    except ValueError as exc:
+        raise _user_error(str(exc)) from None
+    config = ClientConfig.from_env(
+        base_url=args.base_url, api_key=args.api_key, rpm=args.rpm, tpm=args.tpm, max_in_flight=args.max_in_flight,
+        timeout_s=args.timeout, deadline_s=args.deadline, max_attempts=args.max_attempts, store_path=store_path,
+        durable=not args.no_fsync, retry_dead_letters=retry_dead, prices=prices)
+    problems = config.problems()
+    if args.max_attempts < 1:
+        problems.append(f"--max-attempts must be at least 1, not {args.max_attempts}")
+    if problems:
+        raise _user_error(problems[0])
+    return config
+
+
+def _store_path(args, fallback: str | None) -> str:
+    path = args.store or os.environ.get("NEURONATLAS_STORE") or fallback
+    if not path:
+        raise _user_error("no request store given: pass --store or set NEURONATLAS_STORE")
+    return path
+
+
+async def _run(config, requests, args, label: str, models: set[str]):
+    """Send `requests` with a progress display and Ctrl-C handling.
+    Returns (client, elapsed seconds, abort reason or None, whether the user interrupted)."""
+    import asyncio
+    import signal
+    import threading
+
+    from client.progress import Progress
+    from client.runner import Client, RunAborted
+    from client.store import StoreError
+    from client.transport import SetupError
+
+    client = Client(config)
+    try:
+        await client.open()
+    except (SetupError, StoreError) as exc:
+        await client.transport.close()
+        raise _user_error(str(exc)) from None
+    aborted, interrupted = None, False
+    start = time.monotonic()
+    try:
+        if requests and not args.no_check:
+            try:
+                listed = await client.check()
+            except SetupError as exc:
+                raise _user_error(str(exc)) from None
+            missing = sorted(m for m in models if listed and m not in listed)
+            if missing:
+                _say(f"{label}: warning: the server does not list {', '.join(map(repr, missing))} (it lists "
+                     f"{', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''}); those requests may fail with 404")
+        progress = Progress(client, len(requests), mode=args.progress, label=label)
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if not client.stopped:
+                client.stop()
+                progress.write(f"{label}: interrupted: finishing {client.in_flight} requests in flight "
+                               "(press Ctrl-C again to cancel them)")
+            else:
+                client.stop(cancel_in_flight=True)
+                progress.write(f"{label}: cancelling the requests in flight")
+
+        signals = [signal.SIGINT, signal.SIGTERM] if threading.current_thread() is threading.main_thread() else []
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal)
+        progress.start()
+        start = time.monotonic()
+        try:
+            async for _ in client.stream(requests):
+                pass
+        except RunAborted as exc:
+            aborted = str(exc)
+        finally:
+            progress.close()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        interrupted = client.stopped and aborted is None
+    finally:
+        await client.aclose()
+    return client, time.monotonic() - start, aborted, interrupted
+
+
+# -- batch ----------------------------------------------------------------------------------------
+
+def batch_command(args) -> int:
+    import asyncio
+
+    from client.batch import read_requests, write_results
+    from client.progress import summary
+    from client.store import RequestStore, StoreError
+
+    store_path = _store_path(args, args.out + ".requests.sqlite")
+    config = _config(args, store_path, args.retry_dead)
+    if os.path.isdir(args.requests):
+        raise _user_error(f"{args.requests} is a directory: pass a JSONL file of requests")
+    try:
+        lines = read_requests(args.requests, default_model=args.model)
+    except FileNotFoundError:
+        raise _user_error(f"request file {args.requests} not found") from None
+    except OSError as exc:
+        raise _user_error(f"cannot read {args.requests}: {exc.strerror}") from None
+    if not lines:
+        raise _user_error(f"{args.requests} has no requests (one JSON request body a line)")
+    bad = [line for line in lines if line.error]
+    if not args.model and bad and all("no \"model\"" in line.error for line in lines if line.error) and \
+            len(bad) == len(lines):
+        raise _user_error('no line names a model: pass --model or add "model" to each request')
+    for line in bad[:10]:
+        _say(f"batch: {args.requests}: {line.error}")
+    if len(bad) > 10:
+        _say(f"batch: ... and {len(bad) - 10} more bad lines (all listed in {args.out})")
+    requests = [line.request for line in lines if line.request is not None]
+    models = {r.body.get("model") for r in requests if isinstance(r.body.get("model"), str)}
+
+    client, elapsed, aborted, interrupted = asyncio.run(_run(config, requests, args, "batch", models))
+    _say(summary(client, elapsed, "batch"))
+    if aborted:
+        raise _user_error(aborted)
+    if interrupted:
+        _say(f"batch: interrupted: {client.stats.ok:,} of {len(requests):,} requests are done and stored in "
+             f"{store_path}. Run the same command again to resume; completed requests will not be sent again.")
+        return 130
+    try:
+        store = RequestStore(store_path)
+    except StoreError as exc:
+        raise _user_error(str(exc)) from None
+    try:
+        keys = [r.key for r in requests]
+        responses = store.responses(keys)
+        errors = {d.key: {"type": d.error_type, **({"status": d.status} if d.status is not None else {}),
+                          "message": d.message} for d in store.dead_letters(keys)}
+    finally:
+        store.close()
+    write_results(args.out, lines, responses, errors)
+    ok = sum(1 for line in lines if line.request is not None and line.request.key in responses)
+    failed = len(lines) - ok
+    _say(f"batch: wrote {len(lines):,} result lines to {args.out} ({ok:,} replies, {failed:,} errors); store: "
+         f"{store_path}" + (f"; list failures with `neuronatlas dead-letters --store {store_path}`" if errors else ""))
+    return 0 if failed == 0 else 1
+
+
+# -- dead letters ---------------------------------------------------------------------------------
+
+def _open_store(args):
+    from client.store import RequestStore, StoreError
+    path = _store_path(args, None)
+    if not os.path.exists(path):
+        raise _user_error(f"request store {path} not found: pass the --store a batch run used")
+    try:
+        return RequestStore(path)
+    except StoreError as exc:
+        raise _user_error(str(exc)) from None
+
+
+def dead_letters_command(args) -> int:
+    import json
+    from collections import Counter
+
+    store = _open_store(args)
+    try:
+        dead = list(store.dead_letters())
+    finally:
+        store.close()
+    if args.json:
+        for d in dead:
+            print(json.dumps({"key": d.key, "kind": d.kind, "body": d.body, "error": {
+                "type": d.error_type, "status": d.status, "message": d.message},
+                "attempts": d.attempts, "runs": d.runs, "failed_at": d.failed_at}, ensure_ascii=False))
+        return 0
+    if not dead:
+        print(f"{store.path}: no dead letters")
+        return 0
+    groups = Counter(f"{d.error_type}{' ' + str(d.status) if d.status else ''}: {d.message[:120]}" for d in dead)
+    print(f"{store.path}: {len(dead):,} dead letters")
+    for text, n in groups.most_common():
+        print(f"  {n:>6,} x {text}")
+    print(f"oldest {min(args.limit, len(dead))}:")
+    for d in dead[: args.limit]:
+        model = d.body.get("model", "?")
+        print(f"  {d.key[:12]}  {d.kind:<10} {model:<20} attempts {d.attempts:<3} runs {d.runs:<2} "
+              f"{d.error_type}{' ' + str(d.status) if d.status else ''}: {d.message[:100]}")
+    print(f"retry them with `neuronatlas retry-dead --store {store.path}`")
+    return 0
+
+
+def retry_dead_command(args) -> int:
+    import asyncio
+
+    from client.progress import summary
+    from client.request import Request
+
+    store = _open_store(args)
+    try:
+        dead = list(store.dead_letters())
+    finally:
+        store.close()
+    if not dead:
+        _say(f"retry-dead: {store.path} has no dead letters")
+        return 0
+    config = _config(args, store.path, retry_dead=True)
+    requests = [Request(d.body, d.kind, d.key[:12]) for d in dead]
+    models = {r.body.get("model") for r in requests if isinstance(r.body.get("model"), str)}
+    client, elapsed, aborted, interrupted = asyncio.run(_run(config, requests, args, "retry-dead", models))
+    _say(summary(client, elapsed, "retry-dead"))
+    if aborted:
+        raise _user_error(aborted)
+    if interrupted:
+        _say("retry-dead: interrupted; run it again to retry the rest")
+        return 130
+    _say(f"retry-dead: {client.stats.ok:,} of {len(dead):,} now completed (rerun `batch` to rewrite its result "
+         f"file); {client.stats.failed:,} still dead-lettered")
+    return 0 if client.stats.failed == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m client.cli COMMAND ...`: the client's commands without the engine."""
+    parser = argparse.ArgumentParser(prog="python -m client.cli")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    from engine.cli import UserError
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"neuronatlas {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"neuronatlas {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""How the client talks to a server: one dataclass, filled from flags and the usual environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from client.prices import PriceTable
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass
+class ClientConfig:
+    """Everything a Client needs; the defaults suit a hosted API."""
+
+    base_url: str = OPENAI_BASE_URL
+    """The API root, ending in /v1 for OpenAI-compatible servers (vLLM, llama.cpp, Ollama, ...)."""
+    api_key: str | None = None
+    """Sent as 'Authorization: Bearer KEY'; None sends no Authorization header (local servers)."""
+    rpm: float | None = None
+    """Requests per minute allowed; None: learn it from x-ratelimit-limit-requests (or no limit)."""
+    tpm: float | None = None
+    """Tokens per minute allowed; None: learn it from x-ratelimit-limit-tokens (or no limit)."""
+    max_in_flight: int = 512
+    """Most requests in flight at once; AIMD lowers the working cap on 429s and 5xx storms."""
+    timeout_s: float = 120.0
+    """Per attempt: a reply not complete within this is abandoned and retried."""
+    deadline_s: float = 900.0
+    """Per request, from its first attempt: no retry starts after this; it is dead-lettered."""
+    max_attempts: int = 10
+    """Attempts per request, 429s not counted (they are the server's pacing, bounded by the deadline)."""
+    backoff_base_s: float = 0.5
+    """First retry waits up to this (full jitter); doubles per attempt."""
+    backoff_cap_s: float = 30.0
+    """Longest backoff between attempts."""
+    headroom: float = 0.99
+    """Pace at this fraction of the rate limits, so that clock jitter does not cross them."""
+    burst_s: float = 0.05
+    """At most this many seconds of budget go back to back (never a minute's worth)."""
+    learn_from_headers: bool = True
+    """Lower the limits from x-ratelimit-* headers (and probe with one request while unknown)."""
+    unreachable_s: float = 60.0
+    """Stop the run when no HTTP reply at all has come for this long while requests keep failing."""
+    store_path: str | None = None
+    """The durable request store (SQLite); None keeps nothing between runs."""
+    durable: bool = True
+    """fsync each group commit (SQLite synchronous=FULL): survives power loss, not only crashes."""
+    retry_dead_letters: bool = False
+    """Send requests again that an earlier run dead-lettered (default: report their stored error)."""
+    prices: PriceTable = field(default_factory=PriceTable)
+    """USD per million tokens by model, for the cost figures."""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    """More HTTP headers on every request (e.g. OpenAI-Organization)."""
+    seed: int | None = None
+    """Seed of the backoff jitter (tests); None: random."""
+
+    @classmethod
+    def from_env(cls, **overrides) -> "ClientConfig":
+        """Defaults from OPENAI_BASE_URL and OPENAI_API_KEY, then `overrides` (None values ignored)."""
+        config = cls(
+            base_url=os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL,
+            api_key=os.environ.get("OPENAI_API_KEY") or None,
+        )
+        return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+    def problems(self) -> list[str]:
+        """What is wrong with this configuration, each as a line naming the fix."""
+        out = []
+        if not self.base_url.startswith(("http://", "https://")):
+            out.append(f"base URL {self.base_url!r} must start with http:// or https:// "
+                       "(--base-url or OPENAI_BASE_URL)")
+        if self.api_key is None and self.base_url.rstrip("/") == OPENAI_BASE_URL:
+            out.append("no API key for api.openai.com: set OPENAI_API_KEY or pass --api-key")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                out.append(f"--{name} must be positive, not {value}")
+        if self.max_in_flight < 1:
+            out.append(f"--max-in-flight must be at least 1, not {self.max_in_flight}")
+        if self.timeout_s <= 0:
+            out.append(f"--timeout must be positive, not {self.timeout_s}")
+        return out

@@ -1,0 +1,338 @@
+"""When the next request may leave: requests and tokens per minute, requests in flight, and pauses.
+
+Providers enforce per-minute limits over short windows (a second or less), so a client that spends
+a minute's budget at once is refused for most of it. Here every budget is a token bucket that refills
+continuously and holds only `burst_s` seconds of budget: requests leave evenly spaced, and a late
+wakeup can catch up by a few requests but never by a minute's worth.
+
+The buckets start from the user's --rpm/--tpm, and x-ratelimit-* headers lower them (a server knows
+its own limit better than the user does; a user may keep a lower one on purpose to share a key). A
+429 pauses every dispatch until the server's Retry-After, not just the request that got it. The cap
+on requests in flight moves by AIMD: each success adds 1/limit (one per round of the window), and an
+overload signal halves it, once per round trip: only a reply to a request sent after the last
+decrease may decrease again, as in TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import itertools
+import math
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Mapping
+
+INF = math.inf
+MIN_SLEEP_S = 0.005
+# The server is judged overloaded when replies in trouble (5xx, timeouts, resets) reach 30 of the
+# last 100, or 10 of the last 20 (a quick verdict on a server that refuses half of everything).
+# Random faults at a 10% rate get there with odds below 1e-6 per reply, so they are retried
+# without slowing anyone down.
+TROUBLE_RULES = ((100, 30), (20, 10))
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in an x-ratelimit-reset-* value: '1s', '6m0s', '20ms', '1h2m3.5s', or a bare number."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    total, pos = 0.0, 0
+    for m in re.finditer(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text):
+        if m.start() != pos:
+            return None
+        pos = m.end()
+        total += float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
+    return total if pos == len(text) and pos > 0 else None
+
+
+def parse_retry_after(headers: Mapping[str, str], now_wall: float | None = None) -> float | None:
+    """Seconds to wait from retry-after-ms, else Retry-After (seconds or an HTTP date); None if absent."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    now_wall = time.time() if now_wall is None else now_wall
+    return max(0.0, when.timestamp() - now_wall)
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+@dataclass
+class TokenBucket:
+    """A budget of `rate` units a second of which at most `burst` can be saved up (rate inf: no limit)."""
+
+    rate: float
+    """Units per second (requests or tokens); inf when there is no limit."""
+    burst: float
+    """Most units that can be spent back to back."""
+    level: float
+    """Units available now (negative: debt from a request larger than the burst)."""
+    stamp: float
+    """When `level` was last brought up to date (monotonic seconds)."""
+
+    @classmethod
+    def per_minute(cls, per_minute: float | None, burst_s: float, now: float) -> "TokenBucket":
+        rate = INF if per_minute is None else per_minute / 60.0
+        burst = INF if rate == INF else max(1.0, rate * burst_s)
+        return cls(rate=rate, burst=burst, level=burst, stamp=now)
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            if self.rate != INF:
+                self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def wait_time(self, cost: float, now: float) -> float:
+        """Seconds until `cost` units may be spent (a cost above the burst waits for a full bucket)."""
+        if self.rate == INF:
+            return 0.0
+        self._refill(now)
+        need = min(cost, self.burst)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def take(self, cost: float, now: float) -> None:
+        self._refill(now)
+        if self.rate != INF:
+            self.level -= cost
+
+    def give_back(self, units: float) -> None:
+        """Correct an estimate: positive units return budget, negative ones charge more."""
+        if self.rate != INF:
+            self.level = min(self.burst, self.level + units)
+
+    def cap(self, units: float, now: float) -> None:
+        """Never believe there is more budget than the server says remains."""
+        self._refill(now)
+        self.level = min(self.level, units)
+
+    def drain(self, now: float) -> None:
+        """After a pause, start from empty so that dispatch resumes paced, not in a burst."""
+        self._refill(now)
+        self.level = min(self.level, 0.0)
+
+    def set_per_minute(self, per_minute: float, burst_s: float, now: float) -> None:
+        self._refill(now)
+        self.rate = per_minute / 60.0
+        self.burst = max(1.0, self.rate * burst_s)
+        self.level = min(self.level, self.burst)
+
+
+class Limits:
+    """Decides when the next request may be sent; fed back by every reply.
+
+    One dispatcher calls `acquire` for each request in turn (so one waiter at a time: no thundering
+    herd); each finished attempt calls `release`, then reports what came back: `on_headers` for any
+    reply, and one of `on_success`, `on_429`, `on_trouble` (5xx, timeouts, resets) or `on_other`.
+    """
+
+    def __init__(self, *, rpm: float | None = None, tpm: float | None = None, max_in_flight: int = 512,
+                 headroom: float = 0.99, burst_s: float = 0.05, learn_from_headers: bool = True,
+                 backoff_base_s: float = 0.5, backoff_cap_s: float = 30.0,
+                 clock=time.monotonic):
+        self.clock = clock
+        now = clock()
+        self.headroom = headroom
+        self.burst_s = burst_s
+        self.learn = learn_from_headers
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.user_rpm, self.user_tpm = rpm, tpm
+        self.requests = TokenBucket.per_minute(None if rpm is None else rpm * headroom, burst_s, now)
+        self.tokens = TokenBucket.per_minute(None if tpm is None else tpm * headroom, burst_s, now)
+        self.max_in_flight = max_in_flight
+        self.window = float(max_in_flight)
+        self.in_flight = 0
+        self.pause_until = 0.0
+        self.pause_reason = ""
+        self.last_decrease = -INF
+        self.decreases = 0  # how often the in-flight cap was halved
+        self.consecutive_429 = 0
+        self._recent_trouble: deque[bool] = deque(maxlen=max(n for n, _ in TROUBLE_RULES))
+        # With a limit unknown, one request goes alone first: its x-ratelimit-* headers then set the
+        # pace before anything else is sent, instead of a burst that the server refuses.
+        self.probing = learn_from_headers and (rpm is None or tpm is None)
+        self._changed = asyncio.Event()
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def delay(self, tokens: float) -> float | None:
+        """Seconds to wait before a request of `tokens` may leave; 0 to go now; None to wait for a
+        slot to free (a request in flight to finish)."""
+        now = self.clock()
+        if self.pause_until > now:
+            return self.pause_until - now
+        if self.in_flight >= (1 if self.probing else max(1, int(self.window))):
+            return None
+        return max(self.requests.wait_time(1, now), self.tokens.wait_time(tokens, now))
+
+    async def acquire(self, tokens: float) -> None:
+        """Wait until a request of about `tokens` tokens may leave, then count it as in flight."""
+        while True:
+            wait = self.delay(tokens)
+            if wait == 0:
+                break
+            self._changed.clear()
+            if wait is None:
+                await self._changed.wait()
+            elif wait > 0.05:
+                # A long wait (a pause): wake early if something changes.
+                try:
+                    await asyncio.wait_for(self._changed.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                # Sleep at least a few ms and then send what has accrued back to back: at hundreds
+                # of requests a second this wakes the loop far less often, still well within the
+                # burst (burst_s) and far finer than any provider's window.
+                await asyncio.sleep(max(wait, MIN_SLEEP_S))
+        now = self.clock()
+        self.requests.take(1, now)
+        self.tokens.take(tokens, now)
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._changed.set()
+
+    def wake(self) -> None:
+        """Let a waiting dispatcher look again (used when the client stops)."""
+        self._changed.set()
+
+    # -- feedback -------------------------------------------------------------------------------
+
+    def on_headers(self, headers: Mapping[str, str]) -> None:
+        """Learn from x-ratelimit-* headers (sent with successes and refusals alike)."""
+        self.probing = False
+        self._changed.set()
+        if not self.learn:
+            return
+        now = self.clock()
+        pairs = ((self.requests, self.user_rpm, "requests"), (self.tokens, self.user_tpm, "tokens"))
+        for bucket, user, suffix in pairs:
+            limit = _int_header(headers, f"x-ratelimit-limit-{suffix}")
+            if limit and limit > 0 and (user is None or limit < user):
+                target = limit * self.headroom / 60.0
+                if abs(bucket.rate - target) > 1e-9:
+                    bucket.set_per_minute(limit * self.headroom, self.burst_s, now)
+            remaining = _int_header(headers, f"x-ratelimit-remaining-{suffix}")
+            if remaining is None:
+                continue
+            if bucket.rate != INF:
+                # The bucket then refills at the known rate: no need to wait for a full reset.
+                bucket.cap(remaining, now)
+            elif remaining <= 0:
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{suffix}"))
+                if reset:
+                    self.pause(reset, f"no {suffix} left")
+
+    def pause(self, seconds: float, reason: str) -> None:
+        """Stop all dispatch for `seconds` (extends, never shortens, a pause already set)."""
+        now = self.clock()
+        if now + seconds > self.pause_until:
+            self.pause_until = now + seconds
+            self.pause_reason = reason
+            self.requests.drain(now)
+            self.tokens.drain(now)
+            self._changed.set()
+
+    def on_success(self, sent_at: float) -> None:
+        self.probing = False
+        self.consecutive_429 = 0
+        self._recent_trouble.append(False)
+        if self.window < self.max_in_flight:
+            self.window = min(float(self.max_in_flight), self.window + 1.0 / self.window)
+            self._changed.set()
+
+    def on_429(self, headers: Mapping[str, str], sent_at: float) -> float:
+        """A refusal: pause everyone for the server's Retry-After (or a growing backoff without
+        one) and halve the in-flight cap. Returns the pause in seconds."""
+        self.probing = False
+        self.consecutive_429 += 1
+        wait = parse_retry_after(headers)
+        if wait is None:  # no Retry-After: the reset time of an exhausted limit, if the server says
+            resets = [parse_duration(headers.get(f"x-ratelimit-reset-{name}")) for name in ("requests", "tokens")
+                      if _int_header(headers, f"x-ratelimit-remaining-{name}") == 0]
+            wait = max((r for r in resets if r), default=None)
+        if wait is None:
+            wait = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (self.consecutive_429 - 1))
+        self.pause(wait, "429 from the server")
+        self._decrease(sent_at)
+        return wait
+
+    def on_trouble(self, sent_at: float, retry_after: float | None = None) -> None:
+        """A 5xx, timeout or connection failure. Random faults are retried without slowing down;
+        when TROUBLE_RULES find the server overloaded, halve what is actually in flight, then judge
+        afresh on new replies."""
+        self.probing = False
+        recent = self._recent_trouble
+        recent.append(True)
+        if retry_after:
+            self.pause(retry_after, "server asked to retry later")
+        if any(len(recent) >= n and sum(itertools.islice(reversed(recent), n)) >= k for n, k in TROUBLE_RULES):
+            if sent_at > self.last_decrease:
+                # From the load actually offered: halving a cap far above it would change nothing.
+                self.window = min(self.window, self.in_flight + 1.0)
+                self._decrease(sent_at)
+            recent.clear()
+
+    def on_other(self) -> None:
+        """A reply that says nothing about load (a 4xx other than 429, a bad body)."""
+        self.probing = False
+        self._changed.set()
+
+    def _decrease(self, sent_at: float) -> None:
+        # Once per round trip: replies to requests sent before the last decrease say nothing new.
+        if sent_at > self.last_decrease:
+            self.window = max(1.0, self.window / 2.0)
+            self.last_decrease = self.clock()
+            self.decreases += 1
+
+    def give_back_tokens(self, units: float) -> None:
+        self.tokens.give_back(units)
+
+    def paused_for(self) -> float:
+        return max(0.0, self.pause_until - self.clock())
+
+    @property
+    def rpm(self) -> float | None:
+        """Requests per minute being paced to (None: no limit known)."""
+        return None if self.requests.rate == INF else self.requests.rate * 60.0
+
+    @property
+    def tpm(self) -> float | None:
+        return None if self.tokens.rate == INF else self.tokens.rate * 60.0
+
+    @property
+    def concurrency(self) -> int:
+        """The current cap on requests in flight."""
+        return 1 if self.probing else max(1, int(self.window))

@@ -1,0 +1,235 @@
+"""Explanations, simulations and scores inside the store, beside the recording (docs/EXPLAIN.md).
+
+    STORE/explanations/zarr.json                       a Zarr group (attributes: format)
+    STORE/explanations/requests.sqlite                 the durable request store (default place)
+    STORE/explanations/<key>/zarr.json                 a group per (explainer, simulator, prompt version)
+    STORE/explanations/<key>/neurons/LLL/NNNNNN.json   one neuron's result (layer LLL, neuron NNNNNN)
+
+One JSON file per neuron, written whole to a temporary name, flushed (fsync'ed unless --no-fsync)
+and renamed over the old one: a reader or a killed run sees the old file or the new one, never half
+of one. A neuron file holds its status (how far the neuron has got), its explanations, their
+simulations and scores, and on top the fields the store's reader returns (`Store.explanations`).
+A rerun reads the status and skips what is finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from engine.errors import UserError
+
+DIRNAME = "explanations"
+GROUP_FORMAT = "neuronatlas-explanations"
+GROUP_FORMAT_VERSION = 1
+REQUESTS_FILE = "requests.sqlite"
+
+STATUSES = ("explained", "simulated", "scored", "never_fires", "failed")
+"""How far a neuron has got: explained -> simulated -> scored; never_fires and failed are final."""
+
+READER_KEYS = ("explanation", "explainer_model", "simulator_model", "prompt_version", "status", "score",
+               "score_random_only", "rsquared", "absolute_dev_explained", "undefined", "error", "simulation_mode",
+               "split", "updated")
+"""Top-level fields of a neuron file that engine.store.Store.explanations returns."""
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def group_key(explainer: str, simulator: str, prompt_version: str) -> str:
+    """A directory name for (explainer, simulator, prompt version): readable, and unique (a short hash
+    of the exact names is added when the readable part had to drop characters)."""
+    readable = f"{_slug(explainer)}__{_slug(simulator)}__{_slug(prompt_version)}"
+    if _slug(explainer) != explainer or _slug(simulator) != simulator or _slug(prompt_version) != prompt_version:
+        digest = hashlib.sha256(json.dumps([explainer, simulator, prompt_version]).encode()).hexdigest()[:8]
+        readable += f"__{digest}"
+    return readable
+
+
+def _clean(value):
+    """JSON-safe: NaN and infinities become None (undefined), never a number."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, obj, durable: bool = True) -> None:
+    """Write `obj` to `path` so that no reader and no crash ever sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        try:
+            fd = os.open(path.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _ensure_zarr_group(path: Path, attributes: dict, durable: bool) -> None:
+    meta = path / "zarr.json"
+    current = read_json(meta)
+    if current is not None and current.get("node_type") == "group":
+        return
+    write_json_atomic(meta, {"zarr_format": 3, "node_type": "group", "attributes": attributes}, durable)
+
+
+class ResultsGroup:
+    """The results of one (explainer, simulator, prompt version) inside a store."""
+
+    def __init__(self, store_path: str | Path, key: str, attrs: dict):
+        self.store_path = Path(store_path)
+        self.key = key
+        self.attrs = attrs
+        self.path = self.store_path / DIRNAME / key
+
+    # -- finding and creating ---------------------------------------------------------------------
+    @classmethod
+    def all(cls, store_path: str | Path) -> list["ResultsGroup"]:
+        """Every results group of a store, by key."""
+        base = Path(store_path) / DIRNAME
+        out = []
+        if base.is_dir():
+            for d in sorted(base.iterdir()):
+                meta = read_json(d / "zarr.json") if d.is_dir() else None
+                attrs = (meta or {}).get("attributes") or {}
+                if attrs.get("format") == GROUP_FORMAT:
+                    out.append(cls(store_path, d.name, attrs))
+        return out
+
+    @classmethod
+    def for_models(cls, store_path: str | Path, explainer: str, simulator: str, prompt_version: str) -> "ResultsGroup":
+        key = group_key(explainer, simulator, prompt_version)
+        meta = read_json(Path(store_path) / DIRNAME / key / "zarr.json")
+        attrs = (meta or {}).get("attributes") or {
+            "format": GROUP_FORMAT, "format_version": GROUP_FORMAT_VERSION, "explainer_model": explainer,
+            "simulator_model": simulator, "prompt_version": prompt_version}
+        return cls(store_path, key, attrs)
+
+    @property
+    def exists(self) -> bool:
+        return (self.path / "zarr.json").is_file()
+
+    @property
+    def explainer_model(self) -> str:
+        return self.attrs["explainer_model"]
+
+    @property
+    def simulator_model(self) -> str:
+        return self.attrs["simulator_model"]
+
+    @property
+    def prompt_version(self) -> str:
+        return self.attrs["prompt_version"]
+
+    def create(self, durable: bool = True) -> None:
+        """Make the group (and the `explanations` group above it) if they are missing."""
+        if self.attrs.get("format_version", GROUP_FORMAT_VERSION) > GROUP_FORMAT_VERSION:
+            raise UserError(f"{self.path} was written by a newer neuronatlas (results format "
+                            f"{self.attrs['format_version']}): upgrade it")
+        try:
+            _ensure_zarr_group(self.store_path / DIRNAME, {"format": "neuronatlas-explanations-root",
+                                                           "description": "results of explain, simulate and score"},
+                               durable)
+            if not self.exists:
+                self.attrs.setdefault("created", now())
+            _ensure_zarr_group(self.path, self.attrs, durable)
+        except OSError as exc:
+            raise UserError(f"cannot write results into {self.store_path}: {exc.strerror}") from None
+
+    # -- neurons ----------------------------------------------------------------------------------
+    def neuron_path(self, layer: int, index: int) -> Path:
+        return self.path / "neurons" / f"{layer:03d}" / f"{index:06d}.json"
+
+    def read(self, layer: int, index: int) -> dict | None:
+        """A neuron's result, or None when it has none (or its file is unreadable: redone)."""
+        rec = read_json(self.neuron_path(layer, index))
+        return rec if rec is not None and rec.get("status") in STATUSES else None
+
+    def write(self, layer: int, index: int, rec: dict, durable: bool = True) -> None:
+        rec = dict(rec)
+        rec.update({"format": GROUP_FORMAT_VERSION, "layer": layer, "neuron": index, "key": self.key,
+                    "explainer_model": self.explainer_model, "simulator_model": self.simulator_model,
+                    "prompt_version": self.prompt_version, "updated": now()})
+        write_json_atomic(self.neuron_path(layer, index), rec, durable)
+
+    def records(self, layers: set[int] | None = None) -> Iterator[dict]:
+        """Every neuron result of the group (in layer, neuron order)."""
+        base = self.path / "neurons"
+        if not base.is_dir():
+            return
+        for ldir in sorted(base.iterdir()):
+            if not (ldir.is_dir() and ldir.name.isdigit()) or (layers is not None and int(ldir.name) not in layers):
+                continue
+            for f in sorted(ldir.iterdir()):
+                if f.suffix == ".json" and not f.name.startswith("."):
+                    rec = read_json(f)
+                    if rec is not None and rec.get("status") in STATUSES:
+                        yield rec
+
+    @contextmanager
+    def lock(self):
+        """Hold the group for one run: a second run on the same group is refused, not interleaved."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise UserError(f"another neuronatlas run is writing to {self.path}: wait for it to finish "
+                                    "or stop it") from None
+                raise
+            yield self
+        finally:
+            os.close(fd)
+
+
+def reader_view(rec: dict) -> dict:
+    """What Store.explanations returns for one neuron file (kept in step with engine/store.py)."""
+    out = {k: rec.get(k) for k in READER_KEYS}
+    out["key"] = rec.get("key")
+    out["candidates"] = [{"explanation": c.get("explanation"), **{k: (c.get("scores") or {}).get(k) for k in (
+        "score", "score_random_only", "rsquared", "absolute_dev_explained")}, "error": c.get("error")}
+        for c in rec.get("candidates") or []]
+    return out

@@ -1,0 +1,92 @@
+"""The request-file parser on junk, the progress display, and the test server as a process."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from client.batch import read_requests
+from client.progress import Progress, summary
+from client.runner import Client
+from client.testserver import spawn
+from client_testlib import chat_requests, fast_config
+
+lines = st.one_of(
+    st.text(max_size=40).filter(lambda t: "\n" not in t and "\r" not in t),
+    st.builds(json.dumps, st.dictionaries(st.sampled_from(["id", "model", "messages", "prompt", "custom_id", "url",
+                                                           "body", "stream", "n"]),
+                                          st.one_of(st.none(), st.integers(), st.text(max_size=5),
+                                                    st.lists(st.integers(), max_size=2),
+                                                    st.just([{"role": "user", "content": "x"}]),
+                                                    st.just({"prompt": "p"})), max_size=5)),
+)
+
+
+@given(st.lists(lines, max_size=20))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_file_parses_to_one_entry_per_line_without_raising(tmp_path, content):
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(content) + "\n", encoding="utf-8")
+    parsed = read_requests(str(path), default_model="m")
+    nonempty = [i + 1 for i, text in enumerate(content) if text.strip()]
+    assert [p.line for p in parsed] == nonempty
+    for p in parsed:
+        assert (p.request is None) != (p.error is None)
+        if p.error:
+            assert p.error.startswith(f"line {p.line}: ")
+        else:
+            assert p.request.body["model"] is not None and "id" not in p.request.body
+
+
+async def test_progress_and_summary_say_what_happened(make_server):
+    server = make_server(faults={"502": 0.3}, seed=1)
+    out = io.StringIO()
+    async with Client(fast_config(server)) as client:
+        bar = Progress(client, 30, file=out, mode="bar", interval_s=0.01)
+        bar.start()
+        await client.run_many(chat_requests(30))
+        bar.update()
+        status = bar.status()
+        bar.close()
+    assert "30 done" in status and "0 failed" in status and "in flight" in status and "req/min" in status
+    assert "30/30" in out.getvalue()
+    text = summary(client, 2.0)
+    assert text.startswith("batch: 30 requests in 2s: 30 completed (30 sent), 0 failed.")
+    assert f"retries (502: {client.stats.retries['502']})" in text and "Tokens paid" in text
+
+
+def test_the_test_server_runs_as_a_process_with_limits_and_faults():
+    with spawn(["--rpm", "6000", "--fault-rate", "0.2", "--faults", "500,nonjson", "--latency-ms", "5"]) as server:
+        import asyncio
+
+        async def go():
+            async with Client(fast_config(server)) as client:
+                return await client.run_many(chat_requests(50))
+
+        results = asyncio.run(go())
+        stats = server.stats()
+    assert all(r.ok for r in results)
+    assert set(stats["faults"]) <= {"500", "nonjson"} and sum(stats["faults"].values()) > 0
+    assert sorted(stats["served"].values()) == [1] * 50
+    assert stats["admitted"] == 50 + sum(stats["faults"].values())
+
+
+async def test_the_test_server_runs_in_process_with_a_responder_hook():
+    from client.testserver import ServerConfig, TestServer, chat_reply
+
+    calls = []
+
+    async def responder(kind, body):  # async hooks work too
+        calls.append(body["messages"][0]["content"])
+        return chat_reply(body, [" fixed", " reply"])
+
+    async with TestServer(ServerConfig(models=["m"]), responder=responder) as server:
+        async with Client(fast_config(server)) as client:
+            assert await client.check() == ["m"]
+            result = await client.complete({"model": "m", "messages": [{"role": "user", "content": "hello"}]})
+        assert server.stats.served[result.key] == 1
+    assert calls == ["hello"]
+    assert result.unwrap()["choices"][0]["message"]["content"] == "fixed reply"

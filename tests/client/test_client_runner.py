@@ -1,0 +1,366 @@
+"""The Client against the test server: limits, faults, retries, dedupe, the store, errors, accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from client.prices import Price, PriceTable
+from client.request import Request
+from client.runner import Client, RunAborted
+from client.store import RequestStore
+from client.testserver import FAULT_KINDS, ServerError, chat_reply, default_responder
+from client.transport import SetupError
+from client_testlib import chat_requests, fast_config, stored_keys
+
+
+async def run(config, requests):
+    async with Client(config) as client:
+        results = await client.run_many(requests)
+    return client, results
+
+
+def served_once(server, requests):
+    """Every request was delivered by the server exactly once."""
+    served = server.snapshot()["served"]
+    return all(served.get(r.key) == 1 for r in requests) and len(served) == len({r.key for r in requests})
+
+
+# -- the basics -----------------------------------------------------------------------------------
+
+async def test_chat_and_completion_replies_with_logprobs(make_server, store_path):
+    server = make_server()
+    chat = Request({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                    "logprobs": True, "top_logprobs": 4})
+    comp = Request({"model": "m", "prompt": "a b c", "max_tokens": 0, "echo": True, "logprobs": 2,
+                    "prompt_logprobs": 1}, kind="completion")  # an extra vLLM field, passed through
+    seen = []
+
+    def responder(kind, body):
+        seen.append(body)
+        out = default_responder(kind, body)
+        if "prompt_logprobs" in body:
+            out["choices"][0]["prompt_logprobs"] = [None, {"b": -1.0}, {"c": -2.0}]
+        return out
+
+    server.server.responder = responder
+    async with Client(fast_config(server, store_path)) as client:
+        r1 = await client.submit(chat)
+        r2 = await client.complete(comp.body, kind="completion")
+    content = r1.unwrap()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(e["top_logprobs"]) == 4 for e in content)
+    lp = r2.unwrap()["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["a", " b", " c"] and lp["token_logprobs"][0] is None
+    assert seen[1] == comp.body                       # the body arrives exactly as given
+    assert r1.usage.completion_tokens == 3 and r1.source == "sent" and r1.attempts == 1
+    assert client.stats.prompt_tokens == r1.usage.prompt_tokens + r2.usage.prompt_tokens
+
+
+async def test_results_come_back_in_input_order_from_any_iterable(make_server):
+    server = make_server(latency_ms=5, latency_sigma=1.0, latency_max_ms=40)
+    requests = chat_requests(40)
+    requests.append(requests[3])                       # the same object twice
+    client, results = await run(fast_config(server), requests)
+    assert [r.request for r in results] == requests
+    assert all(r.ok for r in results)
+    streamed = []
+    async with Client(fast_config(server)) as client:
+        async for result in client.stream(r for r in chat_requests(20, "gen")):
+            streamed.append(result.id)
+    assert sorted(streamed) == sorted(f"gen{i}" for i in range(20))
+
+
+# -- none lost, none paid twice ---------------------------------------------------------------------
+
+async def test_identical_requests_in_flight_are_sent_once(make_server):
+    server = make_server(latency_ms=50)
+    unique = chat_requests(12)
+    requests = [Request(u.body, id=f"{u.id}-{copy}") for copy in range(5) for u in unique]
+    client, results = await run(fast_config(server), requests)
+    assert all(r.ok for r in results)
+    assert served_once(server, unique)
+    assert server.snapshot()["received"] == 12
+    assert client.stats.shared == 48 and client.stats.sent_ok == 12
+    by_key = {}
+    for r in results:
+        by_key.setdefault(r.key, set()).add(r.raw)
+    assert all(len(raws) == 1 for raws in by_key.values())   # copies get the very same reply
+
+
+async def test_a_reply_is_stored_before_it_is_reported(make_server, store_path):
+    server = make_server(latency_ms=5)
+    seen = 0
+    async with Client(fast_config(server, store_path, durable=True)) as client:
+        async for result in client.stream(chat_requests(20)):
+            assert result.ok and result.key in stored_keys(store_path)   # read by another connection
+            seen += 1
+    assert seen == 20
+
+
+async def test_a_rerun_with_the_store_sends_nothing(make_server, store_path):
+    server = make_server(latency_ms=5)
+    requests = chat_requests(30)
+    _, first = await run(fast_config(server, store_path), requests)
+    received = server.snapshot()["received"]
+    client, again = await run(fast_config(server, store_path), requests)
+    assert server.snapshot()["received"] == received       # no HTTP at all
+    assert all(r.source == "store" and r.ok for r in again)
+    assert [r.response for r in again] == [r.response for r in first]
+    assert client.stats.from_store == 30 and client.stats.cost == 0
+
+
+@pytest.mark.parametrize("fault", FAULT_KINDS)
+async def test_each_fault_kind_is_retried_until_served_exactly_once(make_server, store_path, fault):
+    server = make_server(latency_ms=5, faults={fault: 0.3}, hang_s=30, seed=3)
+    requests = chat_requests(40)
+    # Only the hang test needs a short timeout; elsewhere a slow machine must not look like a fault.
+    client, results = await run(fast_config(server, store_path, timeout_s=1.0 if fault == "hang" else 5.0), requests)
+    snap = server.snapshot()
+    assert all(r.ok for r in results)
+    assert served_once(server, requests)
+    injected = snap["faults"][fault]
+    assert injected >= 5
+    cause = {"hang": "timeout", "reset": "connection", "cutoff": "connection", "nonjson": "bad_body",
+             "truncated": "bad_body"}.get(fault, fault)
+    assert client.stats.retries == {cause: injected}          # every fault seen, and retried once
+    assert client.stats.attempts == 40 + injected
+
+
+async def test_requests_in_flight_are_finished_and_stored_when_stopping(make_server, store_path):
+    server = make_server(latency_ms=100, rpm=6000)
+    requests = chat_requests(200)
+    async with Client(fast_config(server, store_path, rpm=6000)) as client:
+        task = asyncio.ensure_future(client.run_many(requests))
+        while client.stats.ok < 20:
+            await asyncio.sleep(0.01)
+        in_flight = client.in_flight
+        client.stop()
+        results = await task
+    assert in_flight > 0
+    ok = [r for r in results if r.ok]
+    assert len(ok) >= 20 + in_flight and len(ok) < 200
+    assert {r.error.type for r in results if not r.ok} == {"interrupted"}
+    assert served_once(server, [r.request for r in ok])                 # nothing served that was not stored
+    async with Client(fast_config(server, store_path)) as client:       # the rest, on resume
+        again = await client.run_many(requests)
+    assert all(r.ok for r in again) and served_once(server, requests)
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("client_rpm", [None, 100_000])   # learn the limit, or correct a wrong one
+async def test_requests_per_minute_are_learned_and_kept(make_server, client_rpm):
+    server = make_server(rpm=6000, window_s=0.5, latency_ms=20)
+    requests = chat_requests(200)
+    client, results = await run(fast_config(server, rpm=client_rpm), requests)
+    snap = server.snapshot()
+    assert all(r.ok for r in results)
+    assert snap["refused"] <= 3
+    assert client.limits.rpm == pytest.approx(6000 * 0.99)
+
+
+async def test_tokens_per_minute_are_learned_and_kept(make_server):
+    server = make_server(tpm=300_000, window_s=0.5, latency_ms=20)
+    # ~150 prompt tokens (at 5 characters each, not the 4 the client first assumes) + 50 budgeted.
+    requests = [Request({"model": "m", "max_tokens": 50, "messages": [
+        {"role": "user", "content": f"{i} " + "word " * 150}]}) for i in range(60)]
+    client, results = await run(fast_config(server), requests)
+    assert all(r.ok for r in results)
+    assert server.snapshot()["refused"] <= 3
+    assert client.limits.tpm == pytest.approx(300_000 * 0.99)
+    assert 4.5 < client._chars_per_token < 5.5          # corrected from usage.prompt_tokens
+
+
+async def test_a_client_that_ignores_the_limits_is_refused(make_server):
+    """The control of the two tests above: the server does enforce, so their bound can fail."""
+    server = make_server(rpm=6000, window_s=0.5, latency_ms=20)
+    client, results = await run(fast_config(server, learn_from_headers=False, max_in_flight=200), chat_requests(120))
+    assert all(r.ok for r in results)                    # the client survives the refusals...
+    assert server.snapshot()["refused"] > 3              # ...but the server had to refuse
+    assert client.stats.retries["429"] == server.snapshot()["refused"]
+
+
+@pytest.mark.parametrize("style", ["ms", "seconds"])
+async def test_a_429_pauses_every_request_for_its_retry_after(make_server, style):
+    server = make_server(rpm=1200, window_s=0.5, retry_after=style, retry_after_floor_s=0.6)
+    client, results = await run(fast_config(server, learn_from_headers=False, max_in_flight=40), chat_requests(40))
+    snap = server.snapshot()
+    assert all(r.ok for r in results) and snap["refused"] > 0
+    pause = 0.6 if style == "ms" else 1.0
+    arrivals = sorted(snap["arrivals"])
+    for t, _ in snap["refusals"]:
+        # Requests already on their way may still land just after the 429; nothing new until the
+        # pause is over.
+        inside = [a for a in arrivals if t + 0.25 < a < t + pause - 0.05]
+        assert inside == [], f"{len(inside)} requests arrived during a {pause} s pause"
+
+
+async def test_the_in_flight_cap_backs_off_from_an_overloaded_server(make_server):
+    server = make_server(max_concurrency=4, latency_ms=30)
+    requests = chat_requests(250)
+    config = fast_config(server, max_in_flight=64, backoff_base_s=0.05, backoff_cap_s=0.5, max_attempts=30)
+    client, results = await run(config, requests)
+    assert all(r.ok for r in results) and served_once(server, requests)
+    assert client.limits.decreases >= 2
+    assert client.limits.concurrency < 64
+    # With a fixed cap of 64 the server refuses about 1,500 attempts here (6 per request); AIMD
+    # brings that to about 300.
+    assert server.snapshot()["overloaded"] < 600
+
+
+# -- failures that are final ----------------------------------------------------------------------
+
+async def test_client_errors_fail_at_once_with_the_servers_message(make_server, store_path):
+    def responder(kind, body):
+        text = body["messages"][0]["content"]
+        for status in (400, 402, 403, 404, 422):
+            if text == f"fail {status}":
+                raise ServerError(status, f"server refuses with {status}")
+        return default_responder(kind, body)
+
+    server = make_server(responder=responder, context_window=100)
+    requests = [Request({"model": "m", "messages": [{"role": "user", "content": f"fail {s}"}]}, id=s)
+                for s in (400, 402, 403, 404, 422)]
+    requests.append(Request({"model": "m", "max_tokens": 200, "messages": [{"role": "user", "content": "long"}]},
+                            id="long"))
+    requests.append(Request({"model": "m", "messages": [{"role": "user", "content": "fine"}]}, id="fine"))
+    client, results = await run(fast_config(server, store_path), requests)
+    by_id = {r.id: r for r in results}
+    assert by_id["fine"].ok
+    for s in (400, 402, 403, 404, 422):
+        err = by_id[s].error
+        assert (err.status, err.message, by_id[s].attempts) == (s, f"server refuses with {s}", 1)
+    assert by_id["long"].error.type == "context_length" and "maximum context length" in by_id["long"].error.message
+    assert server.snapshot()["received"] == 7                  # no retries
+    assert client.stats.dead_lettered == 6
+    store = RequestStore(store_path)
+    assert {d.key for d in store.dead_letters()} == {r.key for r in requests[:6]}
+    store.close()
+    async with Client(fast_config(server, store_path)) as again:   # a rerun reports, does not resend
+        rerun = await again.run_many(requests)
+    assert server.snapshot()["received"] == 7
+    assert [r.error.status if r.error else None for r in rerun] == [400, 402, 403, 404, 422, 400, None]
+
+
+async def test_replies_without_the_requested_logprobs_are_refused(make_server):
+    def responder(kind, body):  # a server that ignores logprobs
+        return chat_reply({**body, "logprobs": False}, [" x"])
+
+    server = make_server(responder=responder)
+    asked = Request({"model": "m", "logprobs": True, "messages": [{"role": "user", "content": "a"}]})
+    plain = Request({"model": "m", "messages": [{"role": "user", "content": "b"}]})
+    _, (r1, r2) = await run(fast_config(server), [asked, plain])
+    assert r1.error.type == "missing_logprobs" and "logprobs" in r1.error.message and r1.attempts == 1
+    assert r2.ok
+
+
+async def test_a_reply_that_is_not_openai_is_not_retried(make_server):
+    server = make_server(responder=lambda kind, body: {"output": "hello", "status": "done"})
+    _, (result,) = await run(fast_config(server), chat_requests(1))
+    assert result.error.type == "not_openai" and "choices" in result.error.message and result.attempts == 1
+
+
+async def test_a_request_that_keeps_failing_is_dead_lettered_at_its_deadline(make_server, store_path):
+    server = make_server(faults={"503": 1.0})
+    config = fast_config(server, store_path, deadline_s=0.3, max_attempts=100, backoff_base_s=0.02, backoff_cap_s=0.05)
+    client, (result,) = await run(config, chat_requests(1))
+    assert result.error.status == 503 and "gave up after" in result.error.message and "deadline" in result.error.message
+    assert result.attempts >= 3
+    async with Client(config) as c:
+        (dead,) = list(c.store.dead_letters())
+    assert dead.attempts == result.attempts and dead.body == chat_requests(1)[0].body
+    config.retry_dead_letters = True
+    server.call(lambda: server.server.config.faults.clear() or server.server._fault_table.clear())
+    async with Client(config) as c:
+        (again,) = await c.run_many(chat_requests(1))
+        assert again.ok and list(c.store.dead_letters()) == []
+
+
+async def test_a_refused_key_stops_the_run_without_dead_letters(make_server, store_path):
+    server = make_server(api_key="right")
+    with pytest.raises(RunAborted, match="401"):
+        await run(fast_config(server, store_path, api_key="wrong"), chat_requests(20))
+    async with Client(fast_config(server, store_path)) as client:
+        assert list(client.store.dead_letters()) == []
+
+
+async def test_a_server_that_goes_away_stops_the_run(make_server):
+    server = make_server()
+    config = fast_config(server, unreachable_s=0.3, backoff_base_s=0.05, max_attempts=1000)
+    server.stop()
+    with pytest.raises(RunAborted, match="no reply from"):
+        await run(config, chat_requests(5))
+
+
+# -- the pre-flight check -------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def check(config):
+    async with Client(config) as client:
+        return await client.check()
+
+
+async def test_check_names_the_problem(make_server):
+    server = make_server(models=["a", "b"], api_key="k")
+    assert await check(fast_config(server, api_key="k")) == ["a", "b"]
+    with pytest.raises(SetupError, match="no API key was sent.*OPENAI_API_KEY"):
+        await check(fast_config(server, api_key=None))
+    with pytest.raises(SetupError, match="nothing answers at"):
+        await check(fast_config(server, base_url=f"http://127.0.0.1:{free_port()}/v1"))
+    with pytest.raises(SetupError, match="404.*/v1"):
+        await check(fast_config(server, api_key="k", base_url=server.base_url.removesuffix("/v1")))
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with pytest.raises(SetupError, match="no answer from"):
+            await check(fast_config(server, base_url=f"http://127.0.0.1:{silent.getsockname()[1]}/v1", timeout_s=0.3))
+
+
+async def test_check_spots_a_server_that_is_not_openai():
+    from aiohttp import web
+
+    app = web.Application()
+    async def html(request):
+        return web.Response(text="<html>hello</html>", content_type="text/html")
+
+    app.router.add_route("*", "/{tail:.*}", html)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        from client.config import ClientConfig
+        with pytest.raises(SetupError, match="does not speak the OpenAI API.*text/html"):
+            await check(ClientConfig(base_url=f"http://127.0.0.1:{port}/v1", api_key="k"))
+    finally:
+        await runner.cleanup()
+
+
+# -- accounting -----------------------------------------------------------------------------------
+
+async def test_tokens_and_cost_are_counted_once_per_paid_reply(make_server, store_path):
+    server = make_server()
+    prices = PriceTable({"priced": Price(input=2.0, output=10.0)})
+    requests = [Request({"model": "priced", "max_tokens": 5, "messages": [{"role": "user", "content": f"x {i}"}]})
+                for i in range(10)]
+    requests += requests[:4]                                     # duplicates: paid once
+    requests.append(Request({"model": "free-model", "max_tokens": 5, "messages": [{"role": "user", "content": "y"}]}))
+    client, results = await run(fast_config(server, store_path, prices=prices), requests)
+    paid = [r for r in results if r.source == "sent" and r.request.body["model"] == "priced"]
+    assert len(paid) == 10
+    expected = sum(r.usage.prompt_tokens * 2.0 + r.usage.completion_tokens * 10.0 for r in paid) / 1e6
+    assert client.stats.cost == pytest.approx(expected) and expected > 0
+    assert sum(r.cost for r in paid) == pytest.approx(expected)
+    assert all(r.cost == 0 for r in results if r.source == "shared")
+    assert client.stats.unpriced == {"free-model": 1}
+    assert client.stats.completion_tokens == 11 * 5
+    again, _ = await run(fast_config(server, store_path, prices=prices), requests)
+    assert again.stats.cost == 0 and again.stats.prompt_tokens == 0 and again.stats.from_store == 15
