@@ -1,0 +1,163 @@
+"""Bad input: one clear line and exit status 2 before anything is sent or written; bad replies are
+recorded per neuron as failures with their reason, the run goes on, and no score is invented."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import zarr
+
+from engine import open_store
+from tests.explain.helpers import served
+
+SELECT = ["--layers", "0", "--neurons", "0-7"]
+
+
+def _flags(server):
+    return ["--base-url", server.base_url, "--progress", "off"]
+
+
+def _one_error_line(rc, err, *needles):
+    assert rc == 2
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _set_progress(store, **changes):
+    root = zarr.open_group(str(store), mode="r+", zarr_format=3)
+    progress = dict(root.attrs["progress"])
+    progress.update(changes)
+    root.attrs["progress"] = progress
+
+
+def test_a_store_with_no_recording_is_refused(store, tmp_path, fake_server, cli):
+    with fake_server() as (server, fake):
+        args = ["--explainer-model", "m", *_flags(server)]
+        _one_error_line(*cli("explain", tmp_path / "missing", *args)[::2], "not found")
+        (tmp_path / "empty").mkdir()
+        _one_error_line(*cli("explain", tmp_path / "empty", *args)[::2], "not a neuronatlas store")
+        _set_progress(store, complete=False)
+        _one_error_line(*cli("explain", store, *args)[::2], "not complete", "--allow-incomplete")
+        rc, _, err = cli("explain", store, "--allow-incomplete", "--dry-run", *SELECT, *args)
+        assert rc == 0, err
+        _set_progress(store, checkpoint=None)
+        _one_error_line(*cli("simulate", store, *args)[::2], "no recording")
+        assert server.snapshot()["received"] == 0
+    assert not (store / "explanations").exists()
+
+
+@pytest.mark.parametrize("selection, needles", [
+    (["--layers", "7"], ["layer 7 out of range", "layers 0..1"]),
+    (["--layers", "0", "--neurons", "0-9999"], ["neuron 9999 out of range", "layer 0 has neurons 0..71"]),
+    (["--neurons", "-3"], ["neuron -3 out of range"]),
+    (["--layers", "one"], ["not 'all' or a list of layers"]),
+    (["--ids", "IDS"], ["line 2", "neuron 500 out of range"]),
+    (["--ids", "BAD"], ["line 1", "not LAYER:NEURON"]),
+    (["--ids", "IDS", "--layers", "0"], ["cannot be combined"]),
+    (["--ids", "MISSING"], ["not found"]),
+])
+def test_neuron_ids_out_of_range_are_refused(store, tmp_path, fake_server, cli, selection, needles):
+    (tmp_path / "IDS").write_text("0:3  # fine\n1:500\n")
+    (tmp_path / "BAD").write_text("zero:1\n")
+    selection = [str(tmp_path / a) if a in ("IDS", "BAD", "MISSING") else a for a in selection]
+    with fake_server() as (server, fake):
+        for stage in ("explain", "simulate"):
+            rc, _, err = cli(stage, store, "--explainer-model", "m", *selection, *_flags(server))
+            if stage == "simulate" and rc == 2 and "no explanations by" in err:
+                continue  # resolved before the selection: also a clear refusal
+            _one_error_line(rc, err, *needles)
+        assert server.snapshot()["received"] == 0
+    assert not (store / "explanations" / "m__m__v1" / "neurons").exists()
+
+
+@pytest.mark.parametrize("behaviour, reason", [("empty", "empty"), ("refuse", "refused")])
+def test_an_empty_or_refusing_explainer_is_a_recorded_failure(store, fake_server, cli, behaviour, reason):
+    with fake_server(explain=behaviour) as (server, fake):
+        rc, _, err = cli("explain", store, "--explainer-model", "m", "--samples", "2", *SELECT, *_flags(server))
+        assert rc == 1 and "8 failed" in err and reason in err
+        rc, _, err = cli("simulate", store, *SELECT, *_flags(server))  # nothing to simulate; nothing sent
+        assert rc == 0 and "8 done already" in err
+        assert fake.calls["simulate-completion"] == 0
+    s = open_store(store)
+    for i in range(8):
+        (r,) = s.explanations(0, i)
+        assert r["status"] == "failed" and r["error"]["stage"] == "explain" and reason in r["error"]["message"]
+        assert r["score"] is None and r["explanation"] is None
+
+
+def test_some_neurons_failing_do_not_stop_the_others(store, fake_server, cli):
+    calls = []
+
+    def explain(tokens, values):  # refuses every other request, explains the rest
+        calls.append(1)
+        return "Sorry, I cannot tell." if len(calls) % 2 == 0 else 'the token "the"'
+
+    with fake_server(explain=explain) as (server, fake):
+        rc, _, err = cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))
+    statuses = [open_store(store).explanations(0, i)[0]["status"] for i in range(8)]
+    assert rc == 1 and statuses.count("failed") == len(calls) // 2 >= 1
+    assert statuses.count("explained") == len(calls) - len(calls) // 2
+    assert f"{len(calls) // 2} failed" in err
+
+
+@pytest.mark.parametrize("mode", ["echo", "text"])
+def test_simulated_values_that_do_not_line_up_are_recorded_failures(store, fake_server, cli, mode):
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))[0] == 0
+    with fake_server(simulate="misaligned") as (server, fake):
+        rc, _, err = cli("simulate", store, "--sim-mode", mode, *SELECT, *_flags(server))
+        assert rc == 1 and "failed" in err
+        assert cli("score", store, *SELECT)[0] == 0
+        rc, out, _ = cli("top", store)
+        assert "no neuron has a defined score" in out
+    for i in range(8):
+        (r,) = open_store(store).explanations(0, i)
+        if r["status"] == "never_fires":
+            continue
+        assert r["status"] == "failed" and r["error"]["stage"] == "simulate" and r["score"] is None
+        assert ("values for" in r["error"]["message"]) if mode == "text" else ("spell the prompt" in r["error"]["message"])
+        assert r["explanation"].startswith("the token ")  # the explanation is kept; a rerun can retry
+    if mode == "text":  # the stored replies stay unusable; another mode (new requests) recovers them
+        with fake_server() as (server, fake):
+            rc, _, err = cli("simulate", store, "--retry-failed", "--sim-mode", "chat-logprobs", *SELECT, *_flags(server))
+            assert rc == 0, err
+        assert all(open_store(store).explanations(0, i)[0]["status"] in ("simulated", "never_fires") for i in range(8))
+
+
+def test_a_run_above_max_cost_is_refused_before_any_request(store, fake_server, cli):
+    with fake_server() as (server, fake):
+        for model in ("gpt-4o-mini", "unpriced-model"):
+            rc, _, err = cli("explain", store, "--explainer-model", model, "--max-cost", "0.00001", *_flags(server))
+            _one_error_line(rc, err, "--max-cost")
+            assert ("unknown" in err) == (model == "unpriced-model")
+        assert server.snapshot()["received"] == 0
+    assert not (store / "explanations").exists()
+
+
+def test_a_server_that_cannot_do_the_forced_mode_is_refused_before_any_request(store, fake_server, cli):
+    with fake_server(completions=False) as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))[0] == 0
+        before = served(server)
+        files = {p: p.read_bytes() for p in (store / "explanations").rglob("*.json")}
+        rc, _, err = cli("simulate", store, "--sim-mode", "echo", *SELECT, *_flags(server))
+        _one_error_line(rc, err, "cannot simulate in mode echo", "--sim-mode auto")
+        assert served(server) == before and fake.calls["simulate-chat"] == 0 and fake.calls["simulate-completion"] == 0
+        assert {p: p.read_bytes() for p in (store / "explanations").rglob("*.json")} == files
+        rc, _, err = cli("simulate", store, *SELECT, *_flags(server))  # auto picks what the server can do
+        assert rc == 0 and "mode chat-logprobs" in err
+
+
+def test_top_and_score_on_a_store_without_explanations(store, cli):
+    _one_error_line(*cli("top", store)[::2], "no explanations")
+    _one_error_line(*cli("score", store)[::2], "no explanations", "neuronatlas explain")
+
+
+def test_results_files_are_whole_json(store, fake_server, cli):
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server), "--no-fsync")[0] == 0
+    files = list((store / "explanations").rglob("*.json"))
+    assert files and all(isinstance(json.loads(p.read_text()), dict) for p in files)
+    assert not list((store / "explanations").rglob(".*.tmp"))
