@@ -71,7 +71,10 @@ class RecordConfig:
     checkpoint_every: float = 300.0
     """Seconds between checkpoints."""
     backend: str = "auto"
-    """Reduction backend: torch (reference) or auto."""
+    """Reduction backend: triton (fused kernels), torch (reference) or auto (triton on CUDA)."""
+    compile: bool = False
+    """Run the forward pass through torch.compile (with the triton backend the reductions are
+    inside the compiled graph; with torch they run between its pieces)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -312,8 +315,14 @@ def record(cfg: RecordConfig, log=print) -> Summary:
 
     try:
         update_layer = select_update(cfg.backend, device)
+        # In a compiled graph the update must not touch host integers; the reference does, so
+        # it runs outside the graph (a break per layer) and keeps its own token count.
+        graph_update = select_update(cfg.backend, device, in_graph=True) if cfg.compile else None
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    graph_counts = graph_update is not None
+    if cfg.compile and graph_update is None:
+        graph_update = torch.compiler.disable(update_layer)
 
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.excerpt_len, cfg.max_excerpts, cfg.text_field)
@@ -389,7 +398,8 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     def on_layer(i: int, acts: torch.Tensor) -> None:
         if bos:
             acts = acts[:, 1:, :]
-        flags.append(update_layer(states[i], spec, acts, current["batch"]))
+        update = graph_update if current.get("graph") else update_layer
+        flags.append(update(states[i], spec, acts, current["batch"]))
 
     def checkpoint(done: int, complete: bool) -> None:
         nonlocal generation
@@ -430,6 +440,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     pending, pending_first = None, start
     stopped = False
     base = lm.model.base_model
+    compiled = torch.compile(base) if cfg.compile else None
     try:
         with _Interrupt() as intr, torch.inference_mode():
             while done < total:
@@ -440,7 +451,14 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                 if bos:
                     toks = torch.cat([torch.full((b, 1), bos_id, dtype=torch.int64), toks], dim=1)
                 flags.clear()
-                base(input_ids=toks.to(device, non_blocking=True), use_cache=False)
+                # The batch that completes the quantile prefix (it sets boundaries on the host)
+                # and a short last batch (another shape) run eagerly; the rest in the graph.
+                use_graph = compiled is not None and b == cfg.batch_size and not batch.completes_prefix
+                current["graph"] = use_graph
+                (compiled if use_graph else base)(input_ids=toks.to(device, non_blocking=True), use_cache=False)
+                if use_graph and graph_counts:
+                    for s in states:
+                        s.count += b * T
                 sample = new_sample
                 batch_flag = torch.stack(flags)
                 # Read the previous batch's flags now: by the time this one is queued they are done.

@@ -1,0 +1,640 @@
+"""Fused per-layer update: `kernels.reference.update_layer` in two Triton launches.
+
+The reference folds a batch of activations [B, T, N] into a `LayerState` with sorts, gathers and
+float64 copies of the whole tensor. Here the activation tensor is read once, by a streaming kernel,
+and everything that depends on the whole batch happens in a second, small kernel:
+
+* `_stream_kernel` (grid: neuron blocks x row splits) reads each excerpt's [T, BLOCK_N] tile once
+  and reduces it on the spot: excerpt maximum (and minimum), the excerpt's moments merged into a
+  float64 running set (Pebay), min / max / positives / non-finite, prefix maxima, histogram bin
+  (atomic add), quantile bucket. An excerpt whose maximum beats the neuron's current K-th value (or
+  whose priority beats the current S-th of its bucket) is appended to a per-neuron candidate list
+  through an atomic counter. After the first batches almost no excerpt is a candidate, so the
+  common case writes nothing but the partial moments.
+* `_finish_kernel` (grid: neuron blocks) merges the partial moments of the row splits, then, only in
+  blocks where some neuron has candidates, merges them into the sorted top-K (bottom-K, per-bucket
+  bottom-S) lists in exactly the reference's order and copies the per-token activations of the
+  admitted excerpts (a re-read of those rows only). It also moves the random sample's slots as
+  `Batch.random_src` says. It resets the candidate counters, so the scratch stays ready for the
+  next layer without a memset.
+
+Why the order matches the reference: a stable sort of [state, batch] by (maximum desc) equals the
+order (maximum desc, id asc), because state ids are smaller than batch ids. A batch excerpt whose
+maximum equals the K-th state value never enters (so the candidate filter is a strict `>`), the
+merge takes the state entry on ties, and candidates order among themselves by (value, row). Old
+entries only ever move to a later slot, so their activations move in place when the slots are
+walked from the end.
+
+Nothing reads back to the host: the batch's first excerpt id (hence the token count before the
+batch, first_id * T, and the prefix rows) is read from `Batch.ids` on the device. The only host-side
+step is `set_boundaries` (the reference's torch code) when the prefix completes inside a batch: that
+batch is processed as two launch pairs, rows before and after the prefix end.
+
+The op is registered with `torch.library.custom_op` (it mutates the state tensors in place), so a
+`torch.compile`d model calls it inside its graph; `update_layer_in_graph` is that entry point.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference as ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether the kernels were defined for Triton's CPU interpreter (read when this module loads)."""
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 1: stream the activations once
+
+
+@triton.jit
+def _pebay(na, ma, m2a, m3a, m4a, nb, mb, m2b, m3b, m4b):
+    """Merge two sets' (count, mean, M2, M3, M4) in float64: Pebay (2008), as in the reference."""
+    n = na + nb
+    delta = mb - ma
+    mean = ma + delta * (nb / n)
+    m2 = m2a + m2b + delta * delta * (na * nb / n)
+    m3 = (m3a + m3b + delta * delta * delta * (na * nb * (na - nb) / (n * n))
+          + 3.0 * delta * (na * m2b - nb * m2a) / n)
+    m4 = (m4a + m4b + delta * delta * delta * delta * (na * nb * (na * na - na * nb + nb * nb) / (n * n * n))
+          + 6.0 * delta * delta * (na * na * m2b + nb * nb * m2a) / (n * n)
+          + 4.0 * delta * (na * m3b - nb * m3a) / n)
+    return mean, m2, m3, m4
+
+
+@triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
+def _stream_kernel(
+    x_ptr, sxb, sxt,  # activations [B, T, N], neuron stride 1
+    ids_ptr, bqprio_ptr,  # [B] excerpt ids, [B] quantile priorities
+    top_max_ptr, neg_min_ptr, prefix_ptr, qbounds_ptr, qprio_ptr, hist_ptr, hrange_ptr,
+    pmom_ptr, pmm_ptr, pint_ptr,  # partials: [4, splits, N] f64, [2, splits, N] f32, [2, splits, N] i32
+    cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
+    flag_ptr,
+    N, T, P, row_lo, row_hi, rows_per_split, n_splits,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr,
+    NEG: tl.constexpr, HIST: tl.constexpr, QUANT: tl.constexpr,
+    Q: tl.constexpr, Q_PAD: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    offs_t = tl.arange(0, T_PAD)
+    tmask = offs_t < T
+    m2 = tmask[:, None] & nmask[None, :]
+    x_tile = x_ptr + offs_t[:, None].to(tl.int64) * sxt + n64[None, :]
+
+    # The flag is written by the finish kernel only where a block saw a non-finite value.
+    if (pid_n == 0) & (pid_s == 0):
+        tl.store(flag_ptr, 0)
+
+    first_id = tl.load(ids_ptr)
+    prefix_rows = tl.minimum(tl.maximum(P - first_id, 0), row_hi)
+    r0 = row_lo + pid_s * rows_per_split
+    r1 = tl.minimum(r0 + rows_per_split, row_hi)
+
+    # Masked-out neurons get thresholds that nothing beats.
+    kth = tl.load(top_max_ptr + n64 * K + (K - 1), mask=nmask, other=float("inf"))
+    if NEG:
+        nkth = tl.load(neg_min_ptr + n64 * K + (K - 1), mask=nmask, other=float("-inf"))
+    if HIST:
+        lo = tl.load(hrange_ptr + n64 * 2, mask=nmask, other=0.0)
+        hi = tl.load(hrange_ptr + n64 * 2 + 1, mask=nmask, other=1.0)
+    if QUANT:
+        offs_q = tl.arange(0, Q_PAD)
+        bnd = tl.load(qbounds_ptr + n64[:, None] * (Q - 1) + offs_q[None, :],
+                      mask=nmask[:, None] & (offs_q[None, :] < Q - 1), other=float("inf"))
+        thr = tl.load(qprio_ptr + n64[:, None] * (Q * S) + offs_q[None, :] * S + (S - 1),
+                      mask=nmask[:, None] & (offs_q[None, :] < Q), other=0)
+
+    mean = tl.zeros([BLOCK_N], dtype=tl.float64)
+    M2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    M3 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    M4 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    vmin = tl.full([BLOCK_N], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    pos_tile = tl.zeros([T_PAD, BLOCK_N], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+    Tf = tl.cast(T, tl.float64)
+
+    for b in range(r0, r1):
+        x = tl.load(x_tile + tl.cast(b, tl.int64) * sxb, mask=m2, other=0.0).to(tl.float32)
+        emax = tl.max(tl.where(m2, x, float("-inf")), axis=0)
+        emin = tl.min(tl.where(m2, x, float("inf")), axis=0)
+        vmax = tl.maximum(vmax, emax)
+        vmin = tl.minimum(vmin, emin)
+        pos_tile += (x > 0).to(tl.int32)  # padding loads 0: never positive
+
+        # Moments of this excerpt around its float32 mean, corrected by the residual u as in
+        # the reference, then merged into the running float64 set (Pebay 2008, eq. 3.1-3.3).
+        c = tl.sum(x, axis=0) / T
+        # A NaN or an infinity in the excerpt makes its sum non-finite (as the reference's s1).
+        bad = bad | ((c != c) | (tl.abs(c) == float("inf"))).to(tl.int32)
+        d = tl.where(m2, x - c[None, :], 0.0)
+        d2 = d * d
+        u = tl.sum(d, axis=0).to(tl.float64) / Tf
+        s2 = tl.sum(d2, axis=0).to(tl.float64)
+        s3 = tl.sum(d2 * d, axis=0).to(tl.float64)
+        s4 = tl.sum(d2 * d2, axis=0).to(tl.float64)
+        mb = c.to(tl.float64) + u
+        m2b = s2 - Tf * u * u
+        m3b = s3 - 3.0 * u * s2 + 2.0 * Tf * u * u * u
+        m4b = s4 - 4.0 * u * s3 + 6.0 * u * u * s2 - 3.0 * Tf * u * u * u * u
+        mean, M2, M3, M4 = _pebay(tl.cast(b - r0, tl.float64) * Tf, mean, M2, M3, M4, Tf, mb, m2b, m3b, m4b)
+
+        if b < prefix_rows:
+            tl.store(prefix_ptr + n64 * P + (first_id + b), emax, mask=nmask)
+        post = (tl.zeros([BLOCK_N], dtype=tl.int64) + b) >= prefix_rows
+
+        # Candidates: strictly better than the current K-th (ties lose to older excerpts).
+        is_c = emax > kth
+        slot = tl.atomic_add(cnt_ptr + offs_n, 1, mask=is_c, sem="relaxed")
+        tl.store(ctop_val_ptr + slot.to(tl.int64) * N + n64, emax, mask=is_c)
+        tl.store(ctop_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
+        if NEG:
+            is_c = emin < nkth
+            slot = tl.atomic_add(cnt_ptr + N + offs_n, 1, mask=is_c, sem="relaxed")
+            tl.store(cneg_val_ptr + slot.to(tl.int64) * N + n64, emin, mask=is_c)
+            tl.store(cneg_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
+        if HIST:
+            # IEEE division (not the approximate one) so that bins equal torch's bit for bit.
+            f = tl.floor(tl.math.div_rn(emax - lo, hi - lo) * H)
+            f = tl.minimum(tl.maximum(f, 0.0), H - 1.0)
+            h = f.to(tl.int32) + 1
+            h = tl.where(emax < lo, 0, h)
+            h = tl.where(emax > hi, H + 1, h)
+            tl.atomic_add(hist_ptr + n64 * (H + 2) + h, 1, mask=nmask & post, sem="relaxed")
+        if QUANT:
+            bucket = tl.sum((emax[:, None] >= bnd).to(tl.int32), axis=1)
+            t_q = tl.sum(tl.where(offs_q[None, :] == bucket[:, None], thr, 0), axis=1)
+            prio = tl.load(bqprio_ptr + b)
+            is_c = nmask & post & (prio < t_q)
+            slot = tl.atomic_add(cnt_ptr + 2 * N + offs_n, 1, mask=is_c, sem="relaxed")
+            tl.store(cq_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
+            tl.store(cq_tag_ptr + slot.to(tl.int64) * N + n64, bucket, mask=is_c)
+
+    plane = tl.cast(n_splits, tl.int64) * N
+    base = pid_s.to(tl.int64) * N + n64
+    tl.store(pmom_ptr + base, mean, mask=nmask)
+    tl.store(pmom_ptr + plane + base, M2, mask=nmask)
+    tl.store(pmom_ptr + 2 * plane + base, M3, mask=nmask)
+    tl.store(pmom_ptr + 3 * plane + base, M4, mask=nmask)
+    tl.store(pmm_ptr + base, vmin, mask=nmask)
+    tl.store(pmm_ptr + plane + base, vmax, mask=nmask)
+    tl.store(pint_ptr + base, tl.sum(pos_tile, axis=0), mask=nmask)
+    tl.store(pint_ptr + plane + base, bad, mask=nmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 2: merge the partials and the candidates
+
+
+@triton.jit
+def _merge_lists(
+    key_ptr, id_ptr, acts_ptr, stride_ln, stride_an,
+    cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max,
+    ids_ptr, bkey_ptr, x_ptr, sxb, sxt,
+    offs_n, nmask, N, T,
+    G: tl.constexpr, G_PAD: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr, T_PAD: tl.constexpr,
+    CB: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEGATE: tl.constexpr, KEY_INT: tl.constexpr, KEY_FROM_ROW: tl.constexpr, HAS_TAG: tl.constexpr,
+):
+    """Merge each neuron's candidates into its G sorted lists of L (key, id, acts[T]) entries.
+
+    Keys ascend (NEGATE turns stored maxima into ascending keys); list g of neuron n starts at
+    element n * stride_ln + g * L. A candidate belongs to list `tag` (0 without HAS_TAG).
+    Candidates are taken in (key, row) order, min(C, L) of them; the j-th lands at slot
+    j + #(old entries with key <= its key): the old entry wins a tie, being an older excerpt.
+    Old entries fill the remaining slots in their order. Then the changed tail of each list is
+    rewritten from the last slot backwards, so that an old entry (which only ever moves to a
+    later slot) is read before its slot is overwritten."""
+    # SENT: the key of an empty slot or of no candidate; 1073741824 (2^30): the row of none.
+    if KEY_INT:
+        SENT = 9223372036854775807
+        PREV0 = -1
+    else:
+        SENT = float("inf")
+        PREV0 = float("-inf")
+    n64 = offs_n.to(tl.int64)
+    offs_g = tl.arange(0, G_PAD)
+    offs_l = tl.arange(0, L_PAD)
+    l3 = offs_l[None, None, :]
+    lm = nmask[:, None, None] & (offs_g[None, :, None] < G) & (l3 < L)
+    lptr = n64[:, None, None] * stride_ln + offs_g[None, :, None] * L + l3
+    if NEGATE:
+        skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
+    else:
+        skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
+
+    marked = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
+    before = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
+    mark_key = tl.full([BLOCK_N, G_PAD, L_PAD], SENT, skey.dtype)
+    mark_row = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
+    prev_key = tl.full([BLOCK_N, G_PAD], PREV0, skey.dtype)
+    prev_row = tl.full([BLOCK_N, G_PAD], -1, tl.int32)
+    offs_c = tl.arange(0, CB)
+    n_steps = tl.minimum(c_max, L)
+    for j in range(n_steps):
+        best_key = tl.full([BLOCK_N, G_PAD], SENT, skey.dtype)
+        best_row = tl.full([BLOCK_N, G_PAD], 1073741824, tl.int32)
+        for c0 in range(0, c_max, CB):
+            cc = c0 + offs_c
+            cm = nmask[:, None] & (cc[None, :] < cnt[:, None])
+            cptr = cc[None, :].to(tl.int64) * N + n64[:, None]
+            crow = tl.load(cand_row_ptr + cptr, mask=cm, other=1073741824)
+            if KEY_FROM_ROW:
+                ck = tl.load(bkey_ptr + crow, mask=cm, other=SENT)
+            elif NEGATE:
+                ck = -tl.load(cand_key_ptr + cptr, mask=cm, other=float("-inf"))
+            else:
+                ck = tl.load(cand_key_ptr + cptr, mask=cm, other=SENT)
+            cm3 = cm[:, None, :]
+            if HAS_TAG:
+                ctag = tl.load(cand_tag_ptr + cptr, mask=cm, other=-1)
+                cm3 = cm3 & (ctag[:, None, :] == offs_g[None, :, None])
+            ck3 = ck[:, None, :]
+            cr3 = crow[:, None, :]
+            after = cm3 & ((ck3 > prev_key[:, :, None]) | ((ck3 == prev_key[:, :, None]) & (cr3 > prev_row[:, :, None])))
+            kk = tl.where(after, ck3, SENT)
+            kmin = tl.min(kk, axis=2)
+            rmin = tl.min(tl.where(after & (kk == kmin[:, :, None]), cr3, 1073741824), axis=2)
+            better = (kmin < best_key) | ((kmin == best_key) & (rmin < best_row))
+            best_key = tl.where(better, kmin, best_key)
+            best_row = tl.where(better, rmin, best_row)
+        found = best_row < 1073741824
+        pos = j + tl.sum(((skey <= best_key[:, :, None]) & lm).to(tl.int32), axis=2)
+        ins = found & (pos < L)
+        sel = (l3 == pos[:, :, None]) & ins[:, :, None]
+        mark_key = tl.where(sel, best_key[:, :, None], mark_key)
+        mark_row = tl.where(sel, best_row[:, :, None], mark_row)
+        marked = marked | sel.to(tl.int32)
+        before += ((l3 > pos[:, :, None]) & ins[:, :, None]).to(tl.int32)
+        prev_key = tl.where(found, best_key, prev_key)
+        prev_row = tl.where(found, best_row, prev_row)
+
+    # Slot k: the candidate marked there, else old entry k - (candidates inserted before k).
+    src = tl.where(marked != 0, L + mark_row, l3 - before)
+    first = tl.min(tl.min(tl.where(marked != 0, l3, L), axis=2), axis=1)
+    first = tl.min(first, axis=0)
+    offs_t = tl.arange(0, T_PAD)
+    t3 = offs_t[None, None, :]
+    tm3 = t3 < T
+    gm = nmask[:, None] & (offs_g[None, :] < G)
+    row_ptr = n64[:, None] * stride_ln + offs_g[None, :] * L
+    act_ptr = acts_ptr + n64[:, None, None] * stride_an + offs_g[None, :, None] * (L * T) + t3
+    x_base = x_ptr + t3.to(tl.int64) * sxt + n64[:, None, None]
+    for i in range(L - first):
+        k = L - 1 - i
+        s = tl.max(tl.where(l3 == k, src, -1), axis=2)
+        ck = tl.min(tl.where(l3 == k, mark_key, SENT), axis=2)
+        mv = gm & (s != k)
+        from_old = mv & (s < L)
+        from_new = mv & (s >= L)
+        row = s - L
+        old_key = tl.load(key_ptr + row_ptr + s, mask=from_old)
+        old_id = tl.load(id_ptr + row_ptr + s, mask=from_old)
+        new_id = tl.load(ids_ptr + row, mask=from_new)
+        if NEGATE:
+            ck = -ck
+        tl.store(key_ptr + row_ptr + k, tl.where(from_old, old_key, ck), mask=mv)
+        tl.store(id_ptr + row_ptr + k, tl.where(from_old, old_id, new_id), mask=mv)
+        a_old = tl.load(act_ptr + s[:, :, None].to(tl.int64) * T, mask=from_old[:, :, None] & tm3)
+        a_new = tl.load(x_base + row[:, :, None].to(tl.int64) * sxb, mask=from_new[:, :, None] & tm3)
+        tl.store(act_ptr + k * T, tl.where(from_old[:, :, None], a_old, a_new), mask=mv[:, :, None] & tm3)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
+def _finish_kernel(
+    x_ptr, sxb, sxt, ids_ptr, bqprio_ptr, rsrc_ptr,
+    top_max_ptr, top_ids_ptr, top_acts_ptr, neg_min_ptr, neg_ids_ptr, neg_acts_ptr, rand_acts_ptr,
+    qprio_ptr, qids_ptr, qacts_ptr, mom_ptr, amin_ptr, amax_ptr, npos_ptr,
+    pmom_ptr, pmm_ptr, pint_ptr,
+    cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
+    flag_ptr,
+    N, T, row_lo, row_hi, rows_per_split, n_splits,
+    K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, Q: tl.constexpr, Q_PAD: tl.constexpr,
+    S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr, CB: tl.constexpr,
+    NEG: tl.constexpr, QUANT: tl.constexpr, RANDOM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    Tf = tl.cast(T, tl.float64)
+    first_id = tl.load(ids_ptr)
+
+    # Moments: the row splits in order into one batch set, then the batch into the state, as
+    # the reference does (its batch set is one piece; Pebay's merge is exact in exact arithmetic).
+    plane = tl.cast(n_splits, tl.int64) * N
+    mean = tl.zeros([BLOCK_N], dtype=tl.float64)
+    M2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    M3 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    M4 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    vmin = tl.full([BLOCK_N], float("inf"), tl.float32)
+    vmax = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    npos = tl.zeros([BLOCK_N], dtype=tl.int64)
+    bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+    nacc = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for sp in range(n_splits):
+        rows = tl.minimum(rows_per_split, row_hi - row_lo - sp * rows_per_split)
+        nb = tl.cast(rows, tl.float64) * Tf
+        base = sp * N + n64
+        mean, M2, M3, M4 = _pebay(
+            nacc, mean, M2, M3, M4, nb,
+            tl.load(pmom_ptr + base, mask=nmask, other=0.0),
+            tl.load(pmom_ptr + plane + base, mask=nmask, other=0.0),
+            tl.load(pmom_ptr + 2 * plane + base, mask=nmask, other=0.0),
+            tl.load(pmom_ptr + 3 * plane + base, mask=nmask, other=0.0),
+        )
+        nacc += nb
+        vmin = tl.minimum(vmin, tl.load(pmm_ptr + base, mask=nmask, other=float("inf")))
+        vmax = tl.maximum(vmax, tl.load(pmm_ptr + plane + base, mask=nmask, other=float("-inf")))
+        npos += tl.load(pint_ptr + base, mask=nmask, other=0).to(tl.int64)
+        bad = bad | tl.load(pint_ptr + plane + base, mask=nmask, other=0)
+    na = (first_id + row_lo).to(tl.float64) * Tf + tl.zeros([BLOCK_N], dtype=tl.float64)
+    mp = mom_ptr + n64 * 4
+    mean, M2, M3, M4 = _pebay(
+        na, tl.load(mp, mask=nmask, other=0.0), tl.load(mp + 1, mask=nmask, other=0.0),
+        tl.load(mp + 2, mask=nmask, other=0.0), tl.load(mp + 3, mask=nmask, other=0.0),
+        nacc, mean, M2, M3, M4,
+    )
+    tl.store(mp, mean, mask=nmask)
+    tl.store(mp + 1, M2, mask=nmask)
+    tl.store(mp + 2, M3, mask=nmask)
+    tl.store(mp + 3, M4, mask=nmask)
+    tl.store(amin_ptr + offs_n, tl.minimum(tl.load(amin_ptr + offs_n, mask=nmask, other=0.0), vmin), mask=nmask)
+    tl.store(amax_ptr + offs_n, tl.maximum(tl.load(amax_ptr + offs_n, mask=nmask, other=0.0), vmax), mask=nmask)
+    tl.store(npos_ptr + offs_n, tl.load(npos_ptr + offs_n, mask=nmask, other=0) + npos, mask=nmask)
+    if tl.max(bad, axis=0) > 0:
+        tl.store(flag_ptr, 1)
+
+    cnt = tl.load(cnt_ptr + offs_n, mask=nmask, other=0)
+    c_max = tl.max(cnt, axis=0)
+    if c_max > 0:
+        _merge_lists(top_max_ptr, top_ids_ptr, top_acts_ptr, K, K * T,
+                     ctop_val_ptr, ctop_row_ptr, ctop_row_ptr, cnt, c_max,
+                     ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
+                     1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, True, False, False, False)
+        tl.store(cnt_ptr + offs_n, 0, mask=nmask)
+    if NEG:
+        cnt = tl.load(cnt_ptr + N + offs_n, mask=nmask, other=0)
+        c_max = tl.max(cnt, axis=0)
+        if c_max > 0:
+            _merge_lists(neg_min_ptr, neg_ids_ptr, neg_acts_ptr, K, K * T,
+                         cneg_val_ptr, cneg_row_ptr, cneg_row_ptr, cnt, c_max,
+                         ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
+                         1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, False, False, False, False)
+            tl.store(cnt_ptr + N + offs_n, 0, mask=nmask)
+    if QUANT:
+        cnt = tl.load(cnt_ptr + 2 * N + offs_n, mask=nmask, other=0)
+        c_max = tl.max(cnt, axis=0)
+        if c_max > 0:
+            _merge_lists(qprio_ptr, qids_ptr, qacts_ptr, Q * S, Q * S * T,
+                         cq_row_ptr, cq_row_ptr, cq_tag_ptr, cnt, c_max,
+                         ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
+                         Q, Q_PAD, S, S_PAD, T_PAD, CB, BLOCK_N, False, True, True, True)
+            tl.store(cnt_ptr + 2 * N + offs_n, 0, mask=nmask)
+
+    if RANDOM:
+        # The same slot moves for every neuron: slot j takes old slot src (src <= j) or batch row
+        # src - R. Walking from the last changed slot down reads each old slot before it is
+        # overwritten; once the sample has settled no slot changes and the loop is empty.
+        offs_r = tl.arange(0, R_PAD)
+        rsrc = tl.load(rsrc_ptr + offs_r, mask=offs_r < R, other=0)
+        changed = (offs_r < R) & (rsrc != offs_r)
+        first_r = tl.min(tl.where(changed, offs_r, R), axis=0)
+        offs_t = tl.arange(0, T_PAD)
+        m2 = nmask[:, None] & (offs_t < T)[None, :]
+        ra = rand_acts_ptr + n64[:, None] * (R * T) + offs_t[None, :]
+        xt = x_ptr + offs_t[None, :].to(tl.int64) * sxt + n64[:, None]
+        for i in range(R - first_r):
+            j = R - 1 - i
+            s = tl.max(tl.where(offs_r == j, rsrc, -1), axis=0)
+            st = tl.zeros([BLOCK_N, T_PAD], dtype=tl.int64) + s
+            mv = m2 & (st != j)
+            from_old = st < R
+            a_old = tl.load(ra + st * T, mask=mv & from_old)
+            a_new = tl.load(xt + (st - R) * sxb, mask=mv & (st >= R))
+            tl.store(ra + j * T, tl.where(from_old, a_old, a_new), mask=mv)
+            tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device, n: int, rows: int, splits: int) -> dict:
+    """Candidate lists and partials, kept per (device, N) and grown on demand. The counters are
+    zero between launches (the finish kernel resets them), so they are never cleared here."""
+    key = (str(device), n)
+    s = _SCRATCH.get(key)
+    if s is None or s["rows"] < rows or s["splits"] < splits:
+        rows = max(rows, s["rows"] if s else 0)
+        splits = max(splits, s["splits"] if s else 0)
+        i32, f32 = torch.int32, torch.float32
+        s = {
+            "rows": rows, "splits": splits,
+            "cnt": torch.zeros((3, n), dtype=i32, device=device),
+            "ctop_val": torch.empty((rows, n), dtype=f32, device=device),
+            "ctop_row": torch.empty((rows, n), dtype=i32, device=device),
+            "cneg_val": torch.empty((rows, n), dtype=f32, device=device),
+            "cneg_row": torch.empty((rows, n), dtype=i32, device=device),
+            "cq_row": torch.empty((rows, n), dtype=i32, device=device),
+            "cq_tag": torch.empty((rows, n), dtype=i32, device=device),
+            "pmom": torch.empty((4, splits, n), dtype=torch.float64, device=device),
+            "pmm": torch.empty((2, splits, n), dtype=f32, device=device),
+            "pint": torch.empty((2, splits, n), dtype=i32, device=device),
+        }
+        _SCRATCH[key] = s
+    return s
+
+
+def scratch_bytes(n: int, rows: int, splits: int) -> int:
+    """Device bytes of the scratch one layer width needs (shared by all layers of that width)."""
+    return 3 * n * 4 + rows * n * (4 + 4 + 4 + 4 + 4 + 4) + splits * n * (4 * 8 + 2 * 4 + 2 * 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_config(n: int, rows: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N of the stream kernel, rows per split, BLOCK_N of the finish kernel).
+
+    On a GPU the stream kernel gets enough programs to fill every SM a few times over, each
+    streaming a contiguous run of excerpts; the finish kernel, whose merge holds several
+    [BLOCK_N, buckets, slots] tiles, takes narrower blocks. In the interpreter, which pays per
+    operation rather than per element: one wide block and one split."""
+    if device.type != "cuda":
+        bn = min(256, _pow2(n, 16))
+        return bn, rows, bn
+    block_n = 64
+    blocks = -(-n // block_n)
+    splits = max(1, min(rows, -(-4 * _sm_count(device.index or 0) // blocks)))
+    return block_n, -(-rows // splits), 16
+
+
+def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_ids, neg_acts,
+            random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts, hist, hist_range,
+            moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi, bounds_ready, do_random,
+            block_n=0, rows_per_split=0, finish_block_n=0) -> torch.Tensor:
+    B, T, N = acts.shape
+    if acts.stride(2) != 1:
+        acts = acts.contiguous()
+    K = top_max.shape[1]
+    R = random_acts.shape[1]
+    Q, S = quant_prio.shape[1], quant_prio.shape[2]
+    H = hist.shape[1] - 2
+    rows = row_hi - row_lo
+    flag = torch.empty((), dtype=torch.uint8, device=acts.device)
+    if rows <= 0:
+        flag.zero_()
+        return flag.view(torch.bool)
+    bn, rps, fbn = default_config(N, rows, acts.device)
+    if block_n:
+        bn = fbn = block_n
+    fbn = finish_block_n or fbn
+    rps = rows_per_split or rps
+    splits = -(-rows // rps)
+    sc = _scratch(acts.device, N, B, splits)
+    neg = neg_min is not None
+    quant = bool(bounds_ready) and S > 0
+    hist_on = bool(bounds_ready)
+    nb = triton.cdiv(N, bn)
+    T_PAD = _pow2(T)
+    dummy = top_max  # any tensor: pointers of disabled features are never dereferenced
+    _stream_kernel[(nb, splits)](
+        acts, acts.stride(0), acts.stride(1), ids, bqprio,
+        top_max, neg_min if neg else dummy, prefix_max, quant_bounds, quant_prio, hist, hist_range,
+        sc["pmom"], sc["pmm"], sc["pint"],
+        sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
+        flag,
+        N, T, quantile_prefix, row_lo, row_hi, rps, splits,
+        K=K, BLOCK_N=bn, T_PAD=T_PAD, NEG=neg, HIST=hist_on, QUANT=quant,
+        Q=Q, Q_PAD=_pow2(Q), S=S, H=H,
+        num_warps=4,
+    )
+    _finish_kernel[(triton.cdiv(N, fbn),)](
+        acts, acts.stride(0), acts.stride(1), ids, bqprio, rsrc,
+        top_max, top_ids, top_acts,
+        neg_min if neg else dummy, neg_ids if neg else dummy, neg_acts if neg else dummy,
+        random_acts, quant_prio, quant_ids, quant_acts, moments, amin, amax, n_positive,
+        sc["pmom"], sc["pmm"], sc["pint"],
+        sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
+        flag,
+        N, T, row_lo, row_hi, rps, splits,
+        K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn, T_PAD=T_PAD, CB=16,
+        NEG=neg, QUANT=quant, RANDOM=bool(do_random) and R > 0,
+        num_warps=4,
+    )
+    return flag.view(torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op: in-place on the state, so it lives inside a compiled graph without a break.
+
+_MUTATED = ("top_max", "top_ids", "top_acts", "neg_min", "neg_ids", "neg_acts", "random_acts",
+            "prefix_max", "quant_prio", "quant_ids", "quant_acts", "hist", "moments", "amin", "amax",
+            "n_positive")
+
+
+@torch.library.custom_op("neuronatlas::update_layer_", mutates_args=_MUTATED)
+def update_layer_op(
+    acts: torch.Tensor, ids: torch.Tensor, quant_prio_b: torch.Tensor, random_src: torch.Tensor,
+    top_max: torch.Tensor, top_ids: torch.Tensor, top_acts: torch.Tensor,
+    neg_min: Optional[torch.Tensor], neg_ids: Optional[torch.Tensor], neg_acts: Optional[torch.Tensor],
+    random_acts: torch.Tensor, prefix_max: torch.Tensor, quant_bounds: torch.Tensor,
+    quant_prio: torch.Tensor, quant_ids: torch.Tensor, quant_acts: torch.Tensor,
+    hist: torch.Tensor, hist_range: torch.Tensor, moments: torch.Tensor,
+    amin: torch.Tensor, amax: torch.Tensor, n_positive: torch.Tensor,
+    quantile_prefix: int, row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool,
+    block_n: int = 0, rows_per_split: int = 0, finish_block_n: int = 0,
+) -> torch.Tensor:
+    """Fold rows [row_lo, row_hi) of acts [B, T, N] into one layer's state tensors, in place.
+
+    The token count before row r is (ids[0] + r) * T: excerpts are fed from id 0 in order, which
+    is what lets the op run without a host integer that changes every batch. Returns a 0-d bool:
+    whether any activation in those rows was NaN or infinite. The last three arguments override
+    the block sizes (0: `default_config`); tests use them to cover odd tilings."""
+    return _launch(acts, ids, quant_prio_b, random_src, top_max, top_ids, top_acts, neg_min, neg_ids,
+                   neg_acts, random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts,
+                   hist, hist_range, moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi,
+                   bounds_ready, do_random, block_n, rows_per_split, finish_block_n)
+
+
+@update_layer_op.register_fake
+def _(acts, *args, **kwargs):
+    return acts.new_empty((), dtype=torch.bool)
+
+
+def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
+          row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool, **tuning) -> torch.Tensor:
+    return update_layer_op(
+        acts, batch.ids, batch.quant_prio, batch.random_src,
+        state.top_max, state.top_ids, state.top_acts, state.neg_min, state.neg_ids, state.neg_acts,
+        state.random_acts, state.prefix_max, state.quant_bounds, state.quant_prio, state.quant_ids,
+        state.quant_acts, state.hist, state.hist_range, state.moments, state.amin, state.amax,
+        state.n_positive, spec.quantile_prefix, row_lo, row_hi, bounds_ready, do_random, **tuning,
+    )
+
+
+def check_state(state: ref.LayerState, acts: torch.Tensor) -> None:
+    """The kernels write the state in place: it must be contiguous, on the activations' device,
+    and keep per-token activations in their dtype."""
+    for name in ("top_max", "top_ids", "top_acts", "neg_min", "neg_ids", "neg_acts", "random_acts",
+                 "prefix_max", "quant_bounds", "quant_prio", "quant_ids", "quant_acts", "hist",
+                 "hist_range", "moments", "amin", "amax", "n_positive"):
+        t = getattr(state, name)
+        if t is None:
+            continue
+        if not t.is_contiguous() or t.device != acts.device:
+            raise ValueError(f"LayerState.{name} must be a contiguous tensor on {acts.device}")
+    if state.top_acts.dtype != acts.dtype:
+        raise ValueError(f"activations are {acts.dtype} but the state keeps {state.top_acts.dtype}")
+
+
+def update_layer(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
+                 **tuning) -> torch.Tensor:
+    """`kernels.reference.update_layer` on the Triton kernels: same signature, same results."""
+    B, T, _ = acts.shape
+    check_state(state, acts)
+    if state.count != batch.first_id * T:
+        raise ValueError(f"the state has seen {state.count} tokens but the batch starts at excerpt "
+                         f"{batch.first_id} of {T} tokens: batches must come in order from excerpt 0")
+    if batch.completes_prefix:
+        # The boundaries come from the whole prefix: rows before its end first, then the
+        # reference's set_boundaries (once per run), then the rows after it.
+        p = batch.prefix_rows
+        flag = _call(state, spec, acts, batch, 0, p, False, True, **tuning)
+        ref.set_boundaries(state, spec, spec.quantile_prefix)
+        if p < B:
+            flag = flag | _call(state, spec, acts, batch, p, B, True, False, **tuning)
+    else:
+        flag = _call(state, spec, acts, batch, 0, B, state.bounds_ready, True, **tuning)
+    state.count += B * T
+    return flag
+
+
+def update_layer_in_graph(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor,
+                          batch: ref.Batch) -> torch.Tensor:
+    """The part of `update_layer` that a compiled graph holds: one op call, no host integers.
+
+    The caller adds the batch's tokens to `state.count` after the graph, and runs a batch that
+    completes the quantile prefix through `update_layer` instead (it needs `set_boundaries`)."""
+    return _call(state, spec, acts, batch, 0, acts.shape[0], state.bounds_ready, True)
