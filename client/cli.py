@@ -84,7 +84,9 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _config(args, store_path: str, retry_dead: bool):
+def client_config(args, store_path: str, retry_dead: bool, check: bool = True):
+    """The ClientConfig of a command's client flags (shared by batch, explain and simulate);
+    with check=False (a dry run) problems such as a missing key are not errors."""
     from client.config import ClientConfig
     from client.prices import PriceTable
     try:
@@ -98,7 +100,7 @@ def _config(args, store_path: str, retry_dead: bool):
     problems = config.problems()
     if args.max_attempts < 1:
         problems.append(f"--max-attempts must be at least 1, not {args.max_attempts}")
-    if problems:
+    if problems and check:
         raise _user_error(problems[0])
     return config
 
@@ -182,7 +184,7 @@ def batch_command(args) -> int:
     from client.store import RequestStore, StoreError
 
     store_path = _store_path(args, args.out + ".requests.sqlite")
-    config = _config(args, store_path, args.retry_dead)
+    config = client_config(args, store_path, args.retry_dead)
     if os.path.isdir(args.requests):
         raise _user_error(f"{args.requests} is a directory: pass a JSONL file of requests")
     try:
@@ -289,7 +291,7 @@ def retry_dead_command(args) -> int:
     if not dead:
         _say(f"retry-dead: {store.path} has no dead letters")
         return 0
-    config = _config(args, store.path, retry_dead=True)
+    config = client_config(args, store.path, retry_dead=True)
     requests = [Request(d.body, d.kind, d.key[:12]) for d in dead]
     models = {r.body.get("model") for r in requests if isinstance(r.body.get("model"), str)}
     client, elapsed, aborted, interrupted = asyncio.run(_run(config, requests, args, "retry-dead", models))

@@ -121,27 +121,6 @@ def register_explain(sub) -> None:
     p.set_defaults(func=top_command)
 
 
-def _client_config(args, store_path: str, retry_dead: bool, dry_run: bool):
-    from client.config import ClientConfig
-    from client.prices import PriceTable
-    from engine.errors import UserError
-
-    try:
-        prices = PriceTable.load(args.prices)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    config = ClientConfig.from_env(
-        base_url=args.base_url, api_key=args.api_key, rpm=args.rpm, tpm=args.tpm, max_in_flight=args.max_in_flight,
-        timeout_s=args.timeout, deadline_s=args.deadline, max_attempts=args.max_attempts, store_path=store_path,
-        durable=not args.no_fsync, retry_dead_letters=retry_dead, prices=prices)
-    problems = config.problems()
-    if args.max_attempts < 1:
-        problems.append(f"--max-attempts must be at least 1, not {args.max_attempts}")
-    if problems and not dry_run:
-        raise UserError(problems[0])
-    return config
-
-
 def settings_from_args(stage: str, args):
     from client.pipeline import RunSettings
 
@@ -186,8 +165,10 @@ def _stage(stage: str, args) -> int:
         raise UserError("--score-top and --score-random are both 0: nothing would be scored")
     if stage == "score":
         return run_stage(stage, settings)
+    from client.cli import client_config
+
     requests = settings.requests or os.path.join(settings.store, DIRNAME, REQUESTS_FILE)
-    config = _client_config(args, requests, retry_dead=settings.retry_failed, dry_run=settings.dry_run)
+    config = client_config(args, requests, retry_dead=settings.retry_failed, check=not settings.dry_run)
     return run_stage(stage, settings, config)
 
 
