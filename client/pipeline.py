@@ -12,6 +12,7 @@ that failed for good) is recorded in the neuron's file, with its reason, and the
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ from client import neurons as sel
 from client import prompts
 from client import results as res
 from client import simulate as sim
-from client.scoring import fmt, score_simulation
+from client.scoring import fmt, pearson, pooled, score_simulation
 from engine.errors import UserError
 
 STAGES = ("explain", "simulate", "score")
@@ -310,8 +311,14 @@ def score_record(rec: dict, calibration: bool = True) -> dict:
             if calibration and cal is None:
                 cal = []  # asked for, but not simulated: R^2 undefined, with the reason
             c["scores"] = score_simulation(pairs(split, "top"), pairs(split, "random"), cal).to_json()
-            s = c["scores"]["score"]
-            if best is None or (s is not None and (best["scores"]["score"] is None or s > best["scores"]["score"])):
+            # Best of n is chosen on the calibration excerpts, not on the scored split: choosing by
+            # the reported score would inflate it. Without calibration excerpts, the scored split.
+            on_cal = pearson(*pooled(cal)) if cal else float("nan")
+            c["selection_score"] = None if math.isnan(on_cal) else on_cal
+            if c["selection_score"] is None:
+                c["selection_score"] = c["scores"]["score"]
+            s = c["selection_score"]
+            if best is None or (s is not None and (best["selection_score"] is None or s > best["selection_score"])):
                 best = c
         candidates.append(c)
     rec["candidates"] = candidates

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def _pooled(pairs: list[tuple[list[float], list[float]]]) -> tuple[np.ndarray, np.ndarray]:
+def pooled(pairs: list[tuple[list[float], list[float]]]) -> tuple[np.ndarray, np.ndarray]:
     if not pairs:
         return np.zeros(0), np.zeros(0)
     true = np.concatenate([np.asarray(t, dtype=np.float64) for t, _ in pairs])
@@ -134,8 +134,8 @@ def score_simulation(top: list[tuple[list[float], list[float]]], random: list[tu
     """Scores from (true activations, simulated values) per excerpt: `top` and `random` excerpts of the
     scored split, and the calibration split's excerpts (None: no calibration)."""
     undefined: dict[str, str] = {}
-    true_all, sim_all = _pooled(top + random)
-    true_rnd, sim_rnd = _pooled(random)
+    true_all, sim_all = pooled(top + random)
+    true_rnd, sim_rnd = pooled(random)
     score = pearson(true_all, sim_all)
     if math.isnan(score):
         undefined["score"] = _why(true_all, sim_all, "scored excerpts")
@@ -146,7 +146,7 @@ def score_simulation(top: list[tuple[list[float], list[float]]], random: list[tu
     cal = None
     pred = sim_all
     if calibration is not None:
-        true_cal, sim_cal = _pooled(calibration)
+        true_cal, sim_cal = pooled(calibration)
         line = fit_line(sim_cal, true_cal)
         if line is None:
             why = ("no calibration excerpts" if sim_cal.size == 0

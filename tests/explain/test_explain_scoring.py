@@ -107,7 +107,7 @@ def test_best_of_n_keeps_the_best_scoring_explanation():
     def cand(text, sim):
         return {"explanation": text, "simulation": {"excerpts": [
             {"split": "valid", "set": "top", "true": [0.0, 1.0, 0.0, 2.0], "sim": sim},
-            {"split": "calibration", "set": "top", "true": [0.0, 1.0], "sim": [0.0, 9.0]}]}}
+            {"split": "calibration", "set": "top", "true": [0.0, 1.0], "sim": sim[:2]}]}}
 
     rec = {"status": "simulated", "simulation": {"split": "valid"},
            "candidates": [cand("wrong", [5.0, 0.0, 5.0, 0.0]), cand("constant", [1.0] * 4), cand("right", [0.0, 5.0, 0.0, 9.0])]}
@@ -116,3 +116,26 @@ def test_best_of_n_keeps_the_best_scoring_explanation():
     assert out["score"] == pytest.approx(np.corrcoef([0, 1, 0, 2], [0, 5, 0, 9])[0, 1])
     assert [c["scores"]["score"] is None for c in out["candidates"]] == [False, True, False]
     assert out["candidates"][0]["scores"]["score"] < 0
+
+
+def test_best_of_n_is_chosen_on_calibration_not_on_the_scored_split():
+    from client.pipeline import score_record
+
+    true = [0.0, 0.0, 5.0, 0.0, 9.0, 0.0]
+    good, bad = [0, 0, 5, 0, 9, 0], [9, 0, 0, 5, 0, 0]
+
+    def candidate(name, cal_sim, valid_sim):
+        ex = [{"split": "calibration", "set": "top", "true": true, "sim": cal_sim},
+              {"split": "valid", "set": "top", "true": true, "sim": valid_sim},
+              {"split": "valid", "set": "random", "true": true, "sim": valid_sim}]
+        return {"explanation": name, "simulation": {"excerpts": ex}}
+
+    # A is right on calibration but wrong on valid; B the other way round. Picking by the reported
+    # (valid) score would pick B and report its inflated score; picking on calibration picks A.
+    rec = {"status": "simulated", "split": "valid",
+           "candidates": [candidate("A", good, bad), candidate("B", bad, good)]}
+    out = score_record(rec)
+    assert out["explanation"] == "A"
+    assert out["score"] < 0.5
+    want = [1.0, np.corrcoef(true, bad)[0, 1]]
+    assert [c["selection_score"] for c in out["candidates"]] == pytest.approx(want, abs=1e-9)
