@@ -254,9 +254,60 @@ def _prepare_out(path: Path) -> bool:
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
+    """A host copy (never a view: the device state keeps changing while a checkpoint is written)."""
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.float()
-    return t.detach().cpu().numpy()
+    return t.detach().to("cpu", copy=True).numpy()
+
+
+class _CheckpointWriter:
+    """Writes checkpoints in a background thread. The state is first copied to the host (the only
+    pause the device sees); compression and disk writes then overlap the next batches. One
+    checkpoint at a time; a failed write surfaces at the next checkpoint or at `wait`, with the
+    previous checkpoint still committed."""
+
+    def __init__(self, out: Path, n_layers: int, negatives: bool):
+        self.out, self.n_layers, self.negatives = out, n_layers, negatives
+        self._thread = None
+        self._error: OSError | None = None
+
+    def submit(self, generation: int, layers: list, random_ids: np.ndarray, done: int, complete: bool,
+               background: bool) -> None:
+        self.wait()
+        args = (generation, layers, random_ids, done, complete)
+        if not background:
+            self._write(*args)
+            self.wait()
+            return
+        import threading
+
+        self._thread = threading.Thread(target=self._write, args=args, name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def _write(self, generation, layers, random_ids, done, complete) -> None:
+        try:
+            st.write_checkpoint(self.out, generation, layers, random_ids, done, complete, self.n_layers,
+                                self.negatives)
+        except OSError as exc:
+            st.discard_uncommitted(self.out)
+            self._error = exc
+
+    def drain(self) -> None:
+        """Let a background write finish (on the way out after another error), raising nothing."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise UserError(
+                f"cannot write a checkpoint to '{self.out}': {exc.strerror or exc}; the store still holds "
+                "its previous checkpoint, free space and run the same command to resume"
+            )
 
 
 def _layer_host(state: ref.LayerState) -> dict[str, np.ndarray]:
@@ -342,8 +393,9 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     avail = available_bytes(device)
     log(f"memory: per-neuron state {_fmt_bytes(plan['state'])}, model {_fmt_bytes(plan['model'])}, "
         f"batch {_fmt_bytes(plan['batch'])} (total {_fmt_bytes(plan['total'])}, {_fmt_bytes(avail)} free on {device})")
-    # On the CPU the model's weights are already in that memory; on a GPU too.
-    need = plan["total"] - plan["model"]
+    # The model's weights are already in that memory. On the CPU a checkpoint's host snapshot
+    # shares it with the state, so the state counts twice there.
+    need = plan["total"] - plan["model"] + (plan["state"] if device.type == "cpu" else 0)
     if need > avail:
         raise UserError(
             f"recording needs about {_fmt_bytes(need)} on {device} beyond the model but {_fmt_bytes(avail)} "
@@ -401,21 +453,13 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         update = graph_update if current.get("graph") else update_layer
         flags.append(update(states[i], spec, acts, current["batch"]))
 
-    def checkpoint(done: int, complete: bool) -> None:
+    writer = _CheckpointWriter(out, L, negatives)
+
+    def checkpoint(done: int, complete: bool, background: bool = False) -> None:
         nonlocal generation
         generation += 1
-        try:
-            st.write_checkpoint(
-                out, generation,
-                ((_layer_host(s), s.count, s.bounds_ready) for s in states),
-                _host(sample.ids), done, complete, L, negatives,
-            )
-        except OSError as exc:
-            st.discard_uncommitted(out)
-            raise UserError(
-                f"cannot write a checkpoint to '{out}': {exc.strerror or exc}; the store still holds "
-                "its previous checkpoint, free space and run the same command to resume"
-            ) from None
+        snapshot = [(_layer_host(s), s.count, s.bounds_ready) for s in states]
+        writer.submit(generation, snapshot, _host(sample.ids), done, complete, background)
 
     def check_flags(pending, batch_first: int) -> None:
         if pending is None:
@@ -441,6 +485,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     stopped = False
     base = lm.model.base_model
     compiled = torch.compile(base) if cfg.compile else None
+    tokens_root = st._open_root(out, "r+")
     try:
         with _Interrupt() as intr, torch.inference_mode():
             while done < total:
@@ -464,9 +509,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                 # Read the previous batch's flags now: by the time this one is queued they are done.
                 check_flags(pending, pending_first)
                 pending, pending_first = batch_flag, done
-                st_root = st._open_root(out, "r+") if not current.get("root") else current["root"]
-                current["root"] = st_root
-                st.write_tokens(st_root, done, corpus.tokens[done : done + b])
+                st.write_tokens(tokens_root, done, corpus.tokens[done : done + b])
                 done += b
                 if bar is not None:
                     bar.update(b * T)
@@ -476,7 +519,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                 if time.monotonic() - last_ckpt >= cfg.checkpoint_every and done < total:
                     check_flags(pending, pending_first)
                     pending = None
-                    checkpoint(done, complete=False)
+                    checkpoint(done, complete=False, background=True)
                     last_ckpt = time.monotonic()
             check_flags(pending, pending_first)
             if not stopped:
@@ -484,6 +527,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                     ref.finish_layer(s, spec, done)
             checkpoint(done, complete=not stopped)
     finally:
+        writer.drain()
         for h in handles:
             h.remove()
         if bar is not None:

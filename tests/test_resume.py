@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from engine import open_store
@@ -137,12 +138,13 @@ def _limit_file_size(limit):
     return apply
 
 
-def test_write_failure_keeps_store_and_resumes(tiny_models, corpus_file, tmp_path):
+@pytest.mark.parametrize("every", [60, 0], ids=["final-checkpoint", "background-checkpoint"])
+def test_write_failure_keeps_store_and_resumes(tiny_models, corpus_file, tmp_path, every):
     model = tiny_models["neox"]
     record(config_for(model, corpus_file, tmp_path / "ref"), log=lambda *_: None)
     out = tmp_path / "full"
     # Files over 6 KiB cannot be written: the store is created, the first checkpoint fails.
-    proc = start(args_for(model, corpus_file, out, every=60), preexec_fn=_limit_file_size(6 * 1024))
+    proc = start(args_for(model, corpus_file, out, every=every), preexec_fn=_limit_file_size(6 * 1024))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     lines = [l for l in err.strip().splitlines() if l.startswith("neuronatlas")]
