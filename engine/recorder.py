@@ -331,16 +331,31 @@ def _layer_from_host(arrays: dict, count: int, ready: bool, spec, n, act_dtype, 
 
 
 def make_hooks(lm: LoadedModel, on_layer) -> list:
-    """Register a hook per layer calling on_layer(layer_index, acts[B, T, N])."""
-    handles = []
+    """Register a hook per layer calling on_layer(layer_index, acts[B, T, N]).
+
+    Some models (OPT) flatten the tokens of a batch before their MLP; a pre-hook on the base model
+    notes the batch's shape so that such [B * T, N] activations are viewed as [B, T, N]."""
+    shape: list[int] = []
+
+    def note_shape(mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            shape[:] = ids.shape[:2]
+
+    def deliver(i: int, acts: torch.Tensor) -> None:
+        if acts.dim() == 2:
+            acts = acts.view(shape[0], shape[1], acts.shape[-1])
+        on_layer(i, acts)
+
+    handles = [lm.model.base_model.register_forward_pre_hook(note_shape, with_kwargs=True)]
     for i, module in enumerate(lm.modules):
         if lm.arch.read == "output":
             def hook(mod, args, output, i=i):
-                on_layer(i, output)
+                deliver(i, output)
             handles.append(module.register_forward_hook(hook))
         else:
             def pre(mod, args, i=i):
-                on_layer(i, args[0])
+                deliver(i, args[0])
             handles.append(module.register_forward_pre_hook(pre))
     return handles
 

@@ -1,0 +1,55 @@
+"""Every supported family records: the neuron width is the MLP's inner size, and the stored
+activations equal those the model computes (OPT flattens tokens before its MLP)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import open_store
+from engine.recorder import RecordConfig, record
+from tests.test_record import full_activations
+from tests.tiny import corpus_texts, make_tokenizer
+
+CONFIGS = {
+    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1), 40),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1), 44),
+    "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=36, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16), 36),
+    "phi3": ("Phi3Config", dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=0), 40),
+    "gptj": ("GPTJConfig", dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=128), 128),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=52, num_hidden_layers=2, num_attention_heads=2,
+                              word_embed_proj_dim=32, max_position_embeddings=128), 52),
+    "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=2), 48),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_family_records_what_the_model_computes(family, tmp_path, corpus_file):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls, kw, width = CONFIGS[family]
+    tok = make_tokenizer(corpus_texts(40))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(getattr(transformers, cls)(vocab_size=len(tok), **kw))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = RecordConfig(model=str(tmp_path / "m"), corpus=str(corpus_file), out=str(tmp_path / "s"),
+                       excerpt_len=12, top_k=3, random_k=4, batch_size=5, max_excerpts=25, progress=False)
+    assert record(cfg, log=lambda *_: None).complete
+    s = open_store(tmp_path / "s")
+    assert s.n_neurons == [width, width]
+    acts, _ = full_activations(tmp_path / "m", corpus_file, 25)
+    assert acts[1].shape == (25, 12, width)
+    for j in (0, width - 1):
+        rec = s.neuron(1, j)
+        emax = acts[1][:, :, j].max(axis=1)
+        assert [r.excerpt_id for r in rec.most_positive_activation_records] == list(np.lexsort((np.arange(25), -emax))[:3])
+        for r in rec.most_positive_activation_records + rec.random_sample:
+            np.testing.assert_array_equal(np.float32(r.activations), acts[1][r.excerpt_id, :, j])
