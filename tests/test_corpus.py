@@ -1,0 +1,55 @@
+"""Corpus sources: every format yields the same excerpts for the same documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engine.corpus import load_corpus, stdlib_docstrings
+from engine.errors import UserError
+from tests.tiny import corpus_texts, make_tokenizer
+
+T = 8
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(corpus_texts(30))
+
+
+def test_formats_agree(tok, tmp_path):
+    docs = corpus_texts(25, seed=4)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": d, "id": i}) for i, d in enumerate(docs)))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "a.parquet")
+    (tmp_path / "dir").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "dir" / f"{i:03d}.txt").write_text(d)
+    got = [load_corpus(str(tmp_path / name), tok, T, text_field="body").tokens
+           for name in ("a.jsonl", "a.parquet", "dir")]
+    # By hand: documents joined with the EOS token between them, cut into T-token excerpts.
+    stream = []
+    for i, d in enumerate(docs):
+        stream += ([tok.eos_token_id] if i else []) + tok(d, add_special_tokens=False)["input_ids"]
+    want = np.array(stream[: len(stream) // T * T], dtype=np.int32).reshape(-1, T)
+    for g in got:
+        np.testing.assert_array_equal(g, want)
+    # --max-excerpts cuts the same stream.
+    cut = load_corpus(str(tmp_path / "a.jsonl"), tok, T, max_excerpts=7, text_field="body")
+    np.testing.assert_array_equal(cut.tokens, want[:7])
+    assert cut.description["tokens_sha256"] != load_corpus(str(tmp_path / "a.jsonl"), tok, T, text_field="body").description["tokens_sha256"]
+
+
+def test_parquet_without_the_field(tok, tmp_path):
+    pq.write_table(pa.table({"content": ["a b c"]}), tmp_path / "b.parquet")
+    with pytest.raises(UserError, match="no column 'text'.*content"):
+        load_corpus(str(tmp_path / "b.parquet"), tok, T)
+
+
+def test_embedded_corpus_is_deterministic_and_offline():
+    a = list(stdlib_docstrings())
+    assert len(a) > 1000 and a == list(stdlib_docstrings())
+    assert any("Return" in d for d in a[:200])
