@@ -25,6 +25,53 @@ def triton_status(device) -> str | None:
             "it (slowly) through Triton's interpreter, or use --backend torch")
 
 
+_checked: dict[str, str | None] = {}
+
+
+def triton_self_check(device) -> str | None:
+    """Run the Triton update beside the reference on a few small random batches on `device`.
+    None if every state field agrees (moments to rounding), else what went wrong, in one line.
+    `auto` uses it so that a Triton or driver version that miscompiles the kernels costs speed,
+    not correctness."""
+    import torch
+
+    from kernels import reference as ref
+
+    key = str(device)
+    if key in _checked:
+        return _checked[key]
+    try:
+        from kernels import triton_update
+
+        spec = ref.ReductionSpec(excerpt_len=9, top_k=4, negatives=True, random_k=3, quantile_k=2,
+                                 quantile_prefix=7, hist_bins=5, seed=1)
+        gen = torch.Generator().manual_seed(0)
+        a = ref.LayerState.empty(spec, 37, torch.float32, device)
+        b = ref.LayerState.empty(spec, 37, torch.float32, device)
+        sample = ref.RandomSample.empty(spec, device)
+        for k in range(3):
+            batch, sample = ref.plan_batch(spec, sample, 5 * k, 5, device)
+            acts = torch.randn(5, 9, 37, generator=gen).to(device)
+            ref.update_layer(a, spec, acts, batch)
+            triton_update.update_layer(b, spec, acts, batch)
+        problem = None
+        for name, x in vars(a).items():
+            y = getattr(b, name)
+            if not isinstance(x, torch.Tensor):
+                same = x == y
+            elif name == "moments":
+                same = torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+            else:
+                same = torch.equal(x.cpu(), y.cpu())
+            if not same:
+                problem = f"the Triton kernels disagree with the reference on {name}"
+                break
+    except Exception as exc:  # a compile or launch failure: report it, fall back
+        problem = f"the Triton kernels failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    _checked[key] = problem
+    return problem
+
+
 def select_update(backend: str, device, in_graph: bool = False):
     """The function that folds one layer's activations into its state, for `backend`
     ("auto": triton on CUDA, torch elsewhere). Every backend has the signature and the results of
@@ -39,7 +86,16 @@ def select_update(backend: str, device, in_graph: bool = False):
 
     device = torch.device(device)
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_status(device) is None else "torch"
+        backend = "torch"
+        if device.type == "cuda" and triton_status(device) is None:
+            problem = triton_self_check(device)
+            if problem is None:
+                backend = "triton"
+            else:
+                import sys
+
+                print(f"warning: {problem}; recording with the torch reference instead "
+                      "(--backend triton forces the kernels)", file=sys.stderr)
     if backend == "torch":
         if in_graph:
             return None

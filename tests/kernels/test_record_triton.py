@@ -166,3 +166,10 @@ def test_triton_on_cpu_needs_the_interpreter():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "TRITON_INTERPRET=1" in out.stdout and "--backend torch" in out.stdout
+
+
+def test_self_check_passes_on_working_kernels(device):
+    """`--backend auto` on CUDA runs this check before trusting the kernels."""
+    from kernels import triton_self_check
+
+    assert triton_self_check(device) is None
