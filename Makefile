@@ -31,7 +31,8 @@ test: setup
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup
-	$(BIN)/python benchmarks/record_throughput.py
+	$(BIN)/python benchmarks/record_throughput.py --out benchmarks/out/record_throughput.json
+	$(BIN)/python benchmarks/client_throughput.py --out benchmarks/out/client_throughput.json
 
 clean:
 	rm -rf $(VENV) $(DEMO_STORE) .pytest_cache
