@@ -23,13 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     from engine import commands as engine_commands
 
     engine_commands.register(sub)
-    try:
-        from client import cli as client_cli
-    except ImportError as exc:  # the client is optional for recording only installs
-        client_cli = None
-        _client_import_error = exc
-    if client_cli is not None and hasattr(client_cli, "register"):
-        client_cli.register(sub)
+    from client import cli as client_cli
+
+    client_cli.register(sub)
     return parser
 
 
