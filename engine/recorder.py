@@ -476,10 +476,24 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         snapshot = [(_layer_host(s), s.count, s.bounds_ready) for s in states]
         writer.submit(generation, snapshot, _host(sample.ids), done, complete, background)
 
+    def stash_flags(flag: torch.Tensor):
+        """Queue the copy of a batch's flags to the host now, behind that batch's own work: read
+        later, it waits for that batch only, not for the batch queued after it."""
+        if device.type != "cuda":
+            return flag, None
+        host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        done_event = torch.cuda.Event()
+        done_event.record()
+        return host, done_event
+
     def check_flags(pending, batch_first: int) -> None:
         if pending is None:
             return
-        bad = pending.cpu().numpy()
+        flag, done_event = pending
+        if done_event is not None:
+            done_event.synchronize()
+        bad = flag.cpu().numpy()
         if bad.any():
             layer = int(np.argmax(bad))
             raise UserError(
@@ -507,20 +521,20 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                 b = min(cfg.batch_size, total - done)
                 batch, new_sample = ref.plan_batch(spec, sample, done, b, device)
                 current["batch"] = batch
-                toks = torch.from_numpy(corpus.tokens[done : done + b].astype(np.int64))
+                toks = corpus.tokens[done : done + b].astype(np.int64)
                 if bos:
-                    toks = torch.cat([torch.full((b, 1), bos_id, dtype=torch.int64), toks], dim=1)
+                    toks = np.concatenate([np.full((b, 1), bos_id, dtype=np.int64), toks], axis=1)
                 flags.clear()
                 # The batch that completes the quantile prefix (it sets boundaries on the host)
                 # and a short last batch (another shape) run eagerly; the rest in the graph.
                 use_graph = compiled is not None and b == cfg.batch_size and not batch.completes_prefix
                 current["graph"] = use_graph
-                (compiled if use_graph else base)(input_ids=toks.to(device, non_blocking=True), use_cache=False)
+                (compiled if use_graph else base)(input_ids=ref.to_device(toks, device), use_cache=False)
                 if use_graph and graph_counts:
                     for s in states:
                         s.count += b * T
                 sample = new_sample
-                batch_flag = torch.stack(flags)
+                batch_flag = stash_flags(torch.stack(flags))
                 # Read the previous batch's flags now: by the time this one is queued they are done.
                 check_flags(pending, pending_first)
                 pending, pending_first = batch_flag, done

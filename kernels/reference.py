@@ -136,14 +136,23 @@ class Batch:
     """Whether the prefix ends inside (or exactly at the end of) this batch."""
 
 
+def to_device(a: np.ndarray, device) -> torch.Tensor:
+    """Host array to `device` without making the host wait for the device's queued work (a copy
+    from pageable memory would: it is ordered behind every kernel already queued)."""
+    t = torch.from_numpy(a)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def plan_batch(
     spec: ReductionSpec, sample: RandomSample, first_id: int, size: int, device
 ) -> tuple[Batch, RandomSample]:
     """Prepare the layer-independent part of a batch; returns it and the updated random sample."""
     ids_np = np.arange(first_id, first_id + size, dtype=np.int64)
-    ids = torch.from_numpy(ids_np).to(device, non_blocking=True)
-    rprio = torch.from_numpy(priorities(ids_np, spec.seed, RANDOM_SALT)).to(device, non_blocking=True)
-    qprio = torch.from_numpy(priorities(ids_np, spec.seed, QUANTILE_SALT)).to(device, non_blocking=True)
+    ids = to_device(ids_np, device)
+    rprio = to_device(priorities(ids_np, spec.seed, RANDOM_SALT), device)
+    qprio = to_device(priorities(ids_np, spec.seed, QUANTILE_SALT), device)
     R = spec.random_k
     cat_prio = torch.cat([sample.prio, rprio])
     cat_ids = torch.cat([sample.ids, ids])
