@@ -88,7 +88,9 @@ class Summary:
     neurons: int
     layers: int
     seconds: float
+    """Wall time of the whole command (loading included)."""
     tokens_per_s: float
+    """Tokens recorded per second of the recording loop (forward, reductions, checkpoints)."""
     store_bytes: int
     resumed_from: int
     complete: bool
@@ -98,8 +100,8 @@ class Summary:
         resumed = f" (resumed at excerpt {self.resumed_from:,})" if self.resumed_from else ""
         return (
             f"{verb} {self.excerpts:,} excerpts ({self.tokens:,} tokens){resumed} for "
-            f"{self.neurons:,} neurons in {self.layers} layers in {self.seconds:.1f} s "
-            f"({self.tokens_per_s:,.0f} tokens/s); store {path} holds {self.store_bytes / 2**20:.1f} MiB."
+            f"{self.neurons:,} neurons in {self.layers} layers in {self.seconds:.1f} s, recording at "
+            f"{self.tokens_per_s:,.0f} tokens/s; store {path} holds {self.store_bytes / 2**20:.1f} MiB."
         )
 
 
@@ -508,7 +510,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
 
         bar = tqdm(total=total * T, initial=start * T, unit="tok", unit_scale=True, dynamic_ncols=True,
                    desc="record", file=sys.stderr, mininterval=1.0)
-    last_ckpt = time.monotonic()
+    last_ckpt = t_loop = time.monotonic()
     done = start
     pending, pending_first = None, start
     stopped = False
@@ -563,7 +565,8 @@ def record(cfg: RecordConfig, log=print) -> Summary:
             bar.close()
     seconds = time.perf_counter() - t_start
     n_tok = (done - start) * T
-    summary = Summary(done, done * T, sum(lm.n_neurons), L, seconds, n_tok / seconds if seconds else 0.0,
+    loop_s = time.monotonic() - t_loop
+    summary = Summary(done, done * T, sum(lm.n_neurons), L, seconds, n_tok / loop_s if loop_s else 0.0,
                       _store_bytes(out), start, not stopped)
     if stopped:
         log(f"stopped at excerpt {done:,} of {total:,}; run the same command again to resume")
