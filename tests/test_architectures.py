@@ -29,6 +29,28 @@ CONFIGS = {
 }
 
 
+def neuron_vector(family: str, block, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's inner activation recomputed from its input x, by the family's own formula
+    (independent of the hook points the recorder uses)."""
+    if family in ("mistral", "qwen2", "gemma"):
+        m = block.mlp
+        return m.act_fn(m.gate_proj(x)) * m.up_proj(x)
+    if family == "phi3":
+        gate, up = block.mlp.gate_up_proj(x).chunk(2, dim=-1)
+        return up * block.mlp.activation_fn(gate)
+    if family == "opt":
+        return block.activation_fn(block.fc1(x))
+    if family == "phi":
+        return block.mlp.activation_fn(block.mlp.fc1(x))
+    if family == "gptj":
+        return block.mlp.act(block.mlp.fc_in(x))
+    raise ValueError(family)
+
+
+FIRST_LINEAR = {"mistral": "mlp.gate_proj", "qwen2": "mlp.gate_proj", "gemma": "mlp.gate_proj",
+                "phi3": "mlp.gate_up_proj", "opt": "fc1", "phi": "mlp.fc1", "gptj": "mlp.fc_in"}
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_family_records_what_the_model_computes(family, tmp_path, corpus_file):
     import transformers
@@ -53,3 +75,20 @@ def test_family_records_what_the_model_computes(family, tmp_path, corpus_file):
         assert [r.excerpt_id for r in rec.most_positive_activation_records] == list(np.lexsort((np.arange(25), -emax))[:3])
         for r in rec.most_positive_activation_records + rec.random_sample:
             np.testing.assert_array_equal(np.float32(r.activations), acts[1][r.excerpt_id, :, j])
+
+    # Independently: the recorded vector is the MLP's inner activation, recomputed from the input
+    # of its first linear layer by the family's formula.
+    block = model.base_model.layers[1] if hasattr(model.base_model, "layers") else (
+        model.base_model.decoder.layers[1] if family == "opt" else model.base_model.h[1])
+    first = block.get_submodule(FIRST_LINEAR[family])
+    seen = {}
+    model.eval()  # as the recorder runs it (OPT has dropout)
+    handle = first.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
+    ids = torch.tensor(np.asarray(s.token_ids).astype(np.int64))
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=ids, use_cache=False)
+            want = neuron_vector(family, block, seen["x"]).reshape(25, 12, width).numpy()
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(acts[1], want, rtol=1e-4, atol=1e-5)
