@@ -438,16 +438,10 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     start = int(progress["excerpts_done"])
     generation = int(progress.get("generation") or 0)
     if progress.get("checkpoint"):
-        states = []
-        for layer in range(L):
-            arrays, count, ready = st.read_checkpoint_layer(out, progress["checkpoint"], layer, negatives)
-            states.append(_layer_from_host(arrays, count, ready, spec, lm.n_neurons[layer], act_dtype, device))
-        import zarr
-        rids = np.asarray(zarr.open_group(str(out), mode="r")[progress["checkpoint"]]["random_ids"][...])
-        sample = ref.RandomSample(
-            ids=torch.from_numpy(rids).to(device),
-            prio=torch.from_numpy(np.where(rids >= 0, ref.priorities(np.maximum(rids, 0), spec.seed, ref.RANDOM_SALT), ref.INT64_MAX)).to(device),
-        )
+        layers, random_ids = st.read_checkpoint(out, progress["checkpoint"], negatives)
+        states = [_layer_from_host(arrays, count, ready, spec, n, act_dtype, device)
+                  for (arrays, count, ready), n in zip(layers, lm.n_neurons)]
+        sample = ref.RandomSample.from_ids(spec, random_ids, device)
         log(f"resuming {out} at excerpt {start:,} of {corpus.n_excerpts:,}")
     else:
         states = [ref.LayerState.empty(spec, n, act_dtype, device) for n in lm.n_neurons]

@@ -179,11 +179,17 @@ def write_checkpoint(path: Path, generation: int, layers: "Iterable[tuple[dict, 
             shutil.rmtree(old, ignore_errors=True)
 
 
-def read_checkpoint_layer(path: Path, checkpoint: str, layer: int, negatives: bool) -> tuple[dict, int, bool]:
-    root = _open_root(path, "r")
-    g = root[f"{checkpoint}/layers/{layer:03d}"]
-    arrays = {name: np.asarray(g[name][...]) for name, *_ in _layer_arrays({k: None for k in _ALL}, negatives)}
-    return arrays, int(g.attrs["count"]), bool(g.attrs["bounds_ready"])
+def read_checkpoint(path: Path, checkpoint: str, negatives: bool) -> tuple[list[tuple[dict, int, bool]], np.ndarray]:
+    """A committed checkpoint back in memory: per layer (arrays, token count, bounds_ready), and
+    the random sample's excerpt ids."""
+    ck = _open_root(path, "r")[checkpoint]
+    names = [name for name, *_ in _layer_arrays({k: None for k in _ALL}, negatives)]
+    layers = []
+    for layer in range(int(ck.attrs["n_layers"])):
+        g = ck[f"layers/{layer:03d}"]
+        layers.append(({name: np.asarray(g[name][...]) for name in names}, int(g.attrs["count"]),
+                       bool(g.attrs["bounds_ready"])))
+    return layers, np.asarray(ck["random_ids"][...])
 
 
 _ALL = ("top_max top_ids top_acts neg_min neg_ids neg_acts random_acts prefix_max quant_bounds "

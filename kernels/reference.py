@@ -107,6 +107,12 @@ class RandomSample:
     """[R] int64 priorities of those excerpts; INT64_MAX for an empty slot."""
 
     @classmethod
+    def from_ids(cls, spec: ReductionSpec, ids: np.ndarray, device) -> "RandomSample":
+        """The sample holding `ids` (as a checkpoint stores it); priorities are derived from them."""
+        prio = np.where(ids >= 0, priorities(np.maximum(ids, 0), spec.seed, RANDOM_SALT), INT64_MAX)
+        return cls(ids=torch.from_numpy(ids.astype(np.int64)).to(device), prio=torch.from_numpy(prio).to(device))
+
+    @classmethod
     def empty(cls, spec: ReductionSpec, device) -> "RandomSample":
         R = spec.random_k
         return cls(

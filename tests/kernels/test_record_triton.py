@@ -51,7 +51,7 @@ def checkpoint_arrays(path: Path) -> tuple[dict, list[dict]]:
     s = st.open_store(path)
     ck = s.progress["checkpoint"]
     negatives = s.spec["negatives"]
-    layers = [st.read_checkpoint_layer(path, ck, i, negatives) for i in range(s.n_layers)]
+    layers, _ = st.read_checkpoint(path, ck, negatives)
     return s, layers
 
 
