@@ -57,8 +57,8 @@ def is_store(path: Path) -> bool:
 
 def write_array(group, name: str, data: np.ndarray, attrs: dict, dims: tuple[str, ...]):
     """Write `data` neuron-major. Large arrays: shards of 512 neurons holding inner chunks of 8
-    (a neuron's slice is one read of one small chunk; one chunk per neuron made checkpoints 4x
-    slower to write, with no faster read). Small arrays: one chunk per block of neurons."""
+    (a neuron's slice is one read of one small chunk; one chunk per neuron wrote 3-4x slower
+    and read no faster, see docs/STORE.md). Small arrays: one chunk per block of neurons."""
     data = np.ascontiguousarray(data)
     shape = data.shape
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * data.itemsize if len(shape) > 1 else data.itemsize

@@ -387,7 +387,9 @@ def update_layer(state: LayerState, spec: ReductionSpec, acts: torch.Tensor, bat
     emax = x.amax(dim=1).T.contiguous()  # [N, B]
     if spec.negatives:
         emin = x.amin(dim=1).T.contiguous()
-    acts_nbt = acts.permute(2, 0, 1).contiguous()  # [N, B, T]: one copy makes the 4 gathers below 3x faster
+    # [N, B, T]. One contiguous copy, then 4 gathers from it: on the CPU (N 1536, B 64, T 64) about
+    # 40 + 4 x 9 ms against 4 x 30 ms gathering from the strided view.
+    acts_nbt = acts.permute(2, 0, 1).contiguous()
 
     state.top_max, state.top_ids, state.top_acts = _merge_extreme(
         state.top_max, state.top_ids, state.top_acts, emax, batch.ids, acts_nbt, descending=True
