@@ -174,7 +174,7 @@ def measure_forward(lm, fwd, pool, device, cfg: BenchConfig) -> tuple[float, int
 
 def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: BenchConfig):
     """Tokens/s of the recorder's hot loop with `backend`, and its peak memory."""
-    from engine.recorder import make_hooks
+    from engine.recorder import LateFlags, make_hooks
     from kernels import reference as ref
     from kernels import select_update
 
@@ -187,7 +187,8 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
     if mode == "compiled" and graph_update is None:
         graph_update = torch.compiler.disable(update)
     states = [ref.LayerState.empty(spec, n, dtype, device) for n in lm.n_neurons]
-    current: dict = {"sample": ref.RandomSample.empty(spec, device), "first": 0, "pending": None}
+    current: dict = {"sample": ref.RandomSample.empty(spec, device), "first": 0}
+    late_flags = LateFlags(device)
     flags: list[torch.Tensor] = []
 
     def on_layer(i, acts):
@@ -208,10 +209,7 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
         if use_graph and graph_counts:
             for s in states:
                 s.count += B * T
-        flag = torch.stack(flags)
-        if current["pending"] is not None:
-            current["pending"].cpu()  # the recorder reads the previous batch's flags here
-        current["pending"] = flag
+        late_flags.push(torch.stack(flags), current["first"])  # as the recorder does
         current["first"] += B
 
     try:

@@ -262,6 +262,49 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", copy=True).numpy()
 
 
+class LateFlags:
+    """The per-batch non-finite flags (one per layer), read one batch late so that the host never
+    waits for the batch it has just queued. On CUDA the copy to the host is queued right behind
+    the batch's own work, into pinned memory, and waited for by an event: reading it waits for
+    that batch only."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pending = None
+
+    def push(self, flag: torch.Tensor, first_id: int) -> None:
+        """Hold this batch's flags; check the previous batch's (raises UserError on a NaN/inf)."""
+        if self.device.type == "cuda":
+            host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = (host, event)
+        else:
+            flag = (flag, None)
+        previous, self._pending = self._pending, (flag, first_id)
+        self._check(previous)
+
+    def flush(self) -> None:
+        """Check the last batch held (before a checkpoint and at the end)."""
+        previous, self._pending = self._pending, None
+        self._check(previous)
+
+    @staticmethod
+    def _check(pending) -> None:
+        if pending is None:
+            return
+        (flag, event), first_id = pending
+        if event is not None:
+            event.synchronize()
+        bad = flag.cpu().numpy()
+        if bad.any():
+            raise UserError(
+                f"non-finite activation (NaN or inf) in layer {int(np.argmax(bad))}, batch starting at "
+                f"excerpt {first_id}; try --dtype float32. The store keeps its last checkpoint."
+            )
+
+
 class _CheckpointWriter:
     """Writes checkpoints in a background thread. The state is first copied to the host (the only
     pause the device sees); compression and disk writes then overlap the next batches. One
@@ -472,31 +515,6 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         snapshot = [(_layer_host(s), s.count, s.bounds_ready) for s in states]
         writer.submit(generation, snapshot, _host(sample.ids), done, complete, background)
 
-    def stash_flags(flag: torch.Tensor):
-        """Queue the copy of a batch's flags to the host now, behind that batch's own work: read
-        later, it waits for that batch only, not for the batch queued after it."""
-        if device.type != "cuda":
-            return flag, None
-        host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        done_event = torch.cuda.Event()
-        done_event.record()
-        return host, done_event
-
-    def check_flags(pending, batch_first: int) -> None:
-        if pending is None:
-            return
-        flag, done_event = pending
-        if done_event is not None:
-            done_event.synchronize()
-        bad = flag.cpu().numpy()
-        if bad.any():
-            layer = int(np.argmax(bad))
-            raise UserError(
-                f"non-finite activation (NaN or inf) in layer {layer}, batch starting at excerpt "
-                f"{batch_first}; try --dtype float32. The store keeps its last checkpoint."
-            )
-
     handles = make_hooks(lm, on_layer)
     bar = None
     if cfg.progress:
@@ -506,7 +524,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                    desc="record", file=sys.stderr, mininterval=1.0)
     last_ckpt = t_loop = time.monotonic()
     done = start
-    pending, pending_first = None, start
+    late_flags = LateFlags(device)
     stopped = False
     base = lm.model.base_model
     compiled = torch.compile(base) if cfg.compile else None
@@ -530,10 +548,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                     for s in states:
                         s.count += b * T
                 sample = new_sample
-                batch_flag = stash_flags(torch.stack(flags))
-                # Read the previous batch's flags now: by the time this one is queued they are done.
-                check_flags(pending, pending_first)
-                pending, pending_first = batch_flag, done
+                late_flags.push(torch.stack(flags), done)
                 st.write_tokens(tokens_root, done, corpus.tokens[done : done + b])
                 done += b
                 if bar is not None:
@@ -542,11 +557,10 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                     stopped = True
                     break
                 if time.monotonic() - last_ckpt >= cfg.checkpoint_every and done < total:
-                    check_flags(pending, pending_first)
-                    pending = None
+                    late_flags.flush()
                     checkpoint(done, complete=False, background=True)
                     last_ckpt = time.monotonic()
-            check_flags(pending, pending_first)
+            late_flags.flush()
             if not stopped:
                 for s in states:
                     ref.finish_layer(s, spec, done)
