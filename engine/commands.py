@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.errors import UserError
 
 
 def register(sub) -> None:

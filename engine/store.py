@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import shutil
 from dataclasses import dataclass, field
+from typing import Iterable
 from functools import cached_property
 from pathlib import Path
 

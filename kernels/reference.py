@@ -35,7 +35,7 @@ that a faster implementation can be checked against this one:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

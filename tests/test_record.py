@@ -10,7 +10,7 @@ from engine import open_store
 from engine.corpus import load_corpus
 from engine.models import load_model
 from engine.recorder import RecordConfig, make_hooks, record
-from kernels.reference import INT64_MAX, QUANTILE_SALT, RANDOM_SALT, priorities
+from kernels.reference import QUANTILE_SALT, RANDOM_SALT, priorities
 
 T = 12
 BATCH = 5
@@ -21,7 +21,6 @@ def full_activations(model_dir, corpus_path, n_max=None, bos=False):
     lm = load_model(str(model_dir), torch.device("cpu"), torch.float32)
     corpus = load_corpus(str(corpus_path), lm.tokenizer, T, n_max)
     acts = [[] for _ in lm.modules]
-    cur = {}
 
     def grab(i, a):
         acts[i].append((a[:, 1:] if bos else a).float().clone())
