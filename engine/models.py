@@ -39,15 +39,34 @@ ARCHITECTURES = (
     Architecture("gpt2", ("gpt2",), "h", "mlp.act", "output", False),
     Architecture("gptj", ("gptj",), "h", "mlp.act", "output", False),
     Architecture("gpt-neox", ("gpt_neox",), "layers", "mlp.act", "output", False),
+    Architecture("gpt-neo", ("gpt_neo", "gpt_bigcode"), "h", "mlp.c_proj", "input", False),
+    Architecture("codegen", ("codegen",), "h", "mlp.fc_out", "input", False),
+    Architecture("starcoder2", ("starcoder2",), "layers", "mlp.c_proj", "input", False),
+    Architecture("falcon", ("falcon",), "h", "mlp.dense_4h_to_h", "input", False),
+    # Bloom's MLP may bypass dense_4h_to_h (pretraining_tp > 1 with slow_but_exact), so read the
+    # GELU's output instead.
+    Architecture("bloom", ("bloom",), "h", "mlp.gelu_impl", "output", False),
+    Architecture("mpt", ("mpt",), "blocks", "ffn.down_proj", "input", False),
     Architecture("opt", ("opt",), "decoder.layers", "fc2", "input", False),
     Architecture("phi", ("phi",), "layers", "mlp.fc2", "input", False),
+    # Non-gated up/down MLPs: down_proj(act(up_proj(x))).
+    Architecture("up-down", ("nemotron", "arcee", "apertus"), "layers", "mlp.down_proj", "input", False),
     Architecture(
         "llama",
-        ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "olmo", "olmo2",
-         "granite", "stablelm", "phi3", "cohere", "helium", "glm", "exaone4"),
+        ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2",
+         "gemma3_text", "olmo", "olmo2", "olmo3", "granite", "stablelm", "phi3", "cohere", "cohere2",
+         "helium", "glm", "glm4", "exaone4", "ernie4_5", "seed_oss", "hunyuan_v1_dense"),
         "layers", "mlp.down_proj", "input", True,
     ),
 )
+
+MIXTURE_OF_EXPERTS = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "granitemoe", "granitemoehybrid",
+    "phimoe", "dbrx", "deepseek_v2", "deepseek_v3", "jamba", "gpt_oss", "llama4", "llama4_text",
+    "ernie4_5_moe", "dots1", "glm4_moe", "hunyuan_v1_moe", "minimax", "switch_transformers",
+)
+"""Known mixture-of-experts families: their MLP neurons belong to experts that see only some
+tokens, which the per-excerpt statistics here do not model; refused with their own message."""
 
 
 def supported_model_types() -> list[str]:
@@ -58,6 +77,11 @@ def architecture_for(model_type: str) -> Architecture:
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:
             return arch
+    if model_type in MIXTURE_OF_EXPERTS:
+        raise UserError(
+            f"unsupported architecture '{model_type}': it is a mixture-of-experts model, and "
+            "neuronatlas records dense MLP neurons only"
+        )
     raise UserError(
         f"unsupported architecture '{model_type}': neuronatlas records "
         f"{', '.join(supported_model_types())}"
@@ -205,6 +229,8 @@ def _attr(obj, path: str):
 def _width(module: torch.nn.Module, arch: Architecture, config) -> int:
     if arch.read == "input" and hasattr(module, "in_features"):
         return int(module.in_features)
+    if arch.read == "input" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return int(module.weight.shape[0])  # GPT-2 style Conv1D: weight is [in, out]
     # An activation module has no weights: the width is the MLP's inner size.
     for key in ("n_inner", "intermediate_size", "ffn_dim"):
         v = getattr(config, key, None)

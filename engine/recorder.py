@@ -502,6 +502,12 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     current: dict = {}
 
     def on_layer(i: int, acts: torch.Tensor) -> None:
+        if acts.dim() != 3 or acts.shape[-1] != lm.n_neurons[i]:
+            raise UserError(
+                f"layer {i}: the hooked module '{lm.arch.module}' gave a tensor of shape "
+                f"{tuple(acts.shape)}, expected [batch, tokens, {lm.n_neurons[i]}]: this variant of "
+                f"'{lm.identity['model_type']}' is not supported"
+            )
         if bos:
             acts = acts[:, 1:, :]
         update = graph_update if current.get("graph") else update_layer
@@ -548,6 +554,12 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                     for s in states:
                         s.count += b * T
                 sample = new_sample
+                if len(flags) != L:
+                    raise UserError(
+                        f"the forward pass reached {len(flags)} of {L} hooked '{lm.arch.module}' "
+                        f"modules: this variant of '{lm.identity['model_type']}' bypasses them and "
+                        "is not supported"
+                    )
                 late_flags.push(torch.stack(flags), done)
                 st.write_tokens(tokens_root, done, corpus.tokens[done : done + b])
                 done += b

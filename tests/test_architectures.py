@@ -26,29 +26,67 @@ CONFIGS = {
                               word_embed_proj_dim=32, max_position_embeddings=128), 52),
     "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=2), 48),
+    "gpt_neo": ("GPTNeoConfig", dict(hidden_size=32, num_layers=2, num_heads=2, window_size=8,
+                                     attention_types=[[["global", "local"], 1]],
+                                     max_position_embeddings=128), 128),
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=32, n_layer=2, n_head=2, n_inner=56, n_positions=128), 56),
+    "codegen": ("CodeGenConfig", dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=128,
+                                      n_ctx=128), 128),
+    "starcoder2": ("Starcoder2Config", dict(hidden_size=32, intermediate_size=60, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1), 60),
+    "falcon": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2), 128),
+    "bloom": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=2), 128),
+    # Bloom with pretraining_tp > 1 and slow_but_exact never calls dense_4h_to_h.
+    "bloom_tp": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=2, pretraining_tp=2,
+                                     slow_but_exact=True), 128),
+    "mpt": ("MptConfig", dict(d_model=32, n_heads=2, n_layers=2, max_seq_len=128), 128),
+    "nemotron": ("NemotronConfig", dict(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16), 44),
+    "gemma3_text": ("Gemma3TextConfig", dict(hidden_size=32, intermediate_size=36, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, head_dim=16), 36),
+    "glm4": ("Glm4Config", dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0), 40),
 }
+
+BLOCKS = {"opt": "decoder.layers", "gptj": "h", "gpt_neo": "h", "gpt_bigcode": "h", "codegen": "h",
+          "falcon": "h", "bloom": "h", "bloom_tp": "h", "mpt": "blocks"}
+"""Where each family keeps its blocks, when not in `layers`."""
 
 
 def neuron_vector(family: str, block, x: torch.Tensor) -> torch.Tensor:
     """The MLP's inner activation recomputed from its input x, by the family's own formula
     (independent of the hook points the recorder uses)."""
-    if family in ("mistral", "qwen2", "gemma"):
+    if family in ("mistral", "qwen2", "gemma", "gemma3_text"):
         m = block.mlp
         return m.act_fn(m.gate_proj(x)) * m.up_proj(x)
-    if family == "phi3":
+    if family in ("phi3", "glm4"):
         gate, up = block.mlp.gate_up_proj(x).chunk(2, dim=-1)
         return up * block.mlp.activation_fn(gate)
     if family == "opt":
         return block.activation_fn(block.fc1(x))
     if family == "phi":
         return block.mlp.activation_fn(block.mlp.fc1(x))
-    if family == "gptj":
+    if family in ("gptj", "codegen"):
         return block.mlp.act(block.mlp.fc_in(x))
+    if family in ("gpt_neo", "gpt_bigcode", "starcoder2"):
+        return block.mlp.act(block.mlp.c_fc(x))
+    if family == "falcon":
+        return block.mlp.act(block.mlp.dense_h_to_4h(x))
+    if family in ("bloom", "bloom_tp"):
+        return block.mlp.gelu_impl(block.mlp.dense_h_to_4h(x))
+    if family == "mpt":
+        return block.ffn.act(block.ffn.up_proj(x))
+    if family == "nemotron":
+        return block.mlp.act_fn(block.mlp.up_proj(x))
     raise ValueError(family)
 
 
 FIRST_LINEAR = {"mistral": "mlp.gate_proj", "qwen2": "mlp.gate_proj", "gemma": "mlp.gate_proj",
-                "phi3": "mlp.gate_up_proj", "opt": "fc1", "phi": "mlp.fc1", "gptj": "mlp.fc_in"}
+                "gemma3_text": "mlp.gate_proj", "phi3": "mlp.gate_up_proj", "glm4": "mlp.gate_up_proj",
+                "opt": "fc1", "phi": "mlp.fc1", "gptj": "mlp.fc_in", "codegen": "mlp.fc_in",
+                "gpt_neo": "mlp.c_fc", "gpt_bigcode": "mlp.c_fc", "starcoder2": "mlp.c_fc",
+                "falcon": "mlp.dense_h_to_4h", "bloom": "mlp.dense_h_to_4h",
+                "bloom_tp": "mlp.dense_h_to_4h", "mpt": "ffn.up_proj", "nemotron": "mlp.up_proj"}
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -78,8 +116,7 @@ def test_family_records_what_the_model_computes(family, tmp_path, corpus_file):
 
     # Independently: the recorded vector is the MLP's inner activation, recomputed from the input
     # of its first linear layer by the family's formula.
-    block = model.base_model.layers[1] if hasattr(model.base_model, "layers") else (
-        model.base_model.decoder.layers[1] if family == "opt" else model.base_model.h[1])
+    block = model.base_model.get_submodule(BLOCKS.get(family, "layers"))[1]
     first = block.get_submodule(FIRST_LINEAR[family])
     seen = {}
     model.eval()  # as the recorder runs it (OPT has dropout)

@@ -45,15 +45,27 @@ def test_unknown_model(capsys, tmp_path, corpus_file):
 
 
 def test_unsupported_architecture(capsys, tmp_path, corpus_file):
-    from transformers import AutoModelForCausalLM, BloomConfig
+    from transformers import AutoModelForCausalLM, MambaConfig, MixtralConfig
 
     tok = make_tokenizer(corpus_texts(20))
-    model = AutoModelForCausalLM.from_config(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=len(tok)))
-    model.save_pretrained(tmp_path / "bloom")
-    tok.save_pretrained(tmp_path / "bloom")
-    line = expect_error(capsys, "unsupported architecture 'bloom'", "--model", tmp_path / "bloom",
+    # A state-space model: no MLP neurons at all.
+    model = AutoModelForCausalLM.from_config(MambaConfig(hidden_size=16, num_hidden_layers=1,
+                                                         vocab_size=len(tok)))
+    model.save_pretrained(tmp_path / "mamba")
+    tok.save_pretrained(tmp_path / "mamba")
+    line = expect_error(capsys, "unsupported architecture 'mamba'", "--model", tmp_path / "mamba",
                         "--corpus", corpus_file, "--out", tmp_path / "s")
     assert "gpt2" in line and "llama" in line and "gpt_neox" in line  # lists what is supported
+    assert not (tmp_path / "s").exists()
+
+    # A mixture of experts: refused with its own reason.
+    model = AutoModelForCausalLM.from_config(MixtralConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, vocab_size=len(tok)))
+    model.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    expect_error(capsys, "'mixtral': it is a mixture-of-experts model", "--model", tmp_path / "moe",
+                 "--corpus", corpus_file, "--out", tmp_path / "s")
 
 
 def test_empty_and_short_corpora(capsys, tmp_path, tiny_models):
