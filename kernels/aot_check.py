@@ -1,0 +1,155 @@
+"""Compile the Triton kernels for a GPU architecture on a machine that has no GPU.
+
+    python -m kernels.aot_check [--arch 90] [--dtype bf16 ...]
+
+The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not Triton's compiler: a kernel can
+pass every interpreter test and still fail to lower to PTX (a type the backend rejects, a layout
+it cannot convert, too many registers or too much shared memory). This check drives the real
+launch path (`triton_update.update_layer` on CPU tensors) with the two kernels swapped for
+recorders of their arguments, then hands each recorded launch to `triton.compile` for `--arch`
+(ptxas ships inside the triton wheel). It launches nothing; it needs no GPU and no driver.
+
+It covers the features a layer can switch on: the negatives (bottom-K) list, the random sample,
+the quantile samples and histogram (before and after the prefix completes), in each dtype.
+Exit 0 and one line per compiled kernel, or 1 and the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter would replace the compiler
+    del os.environ["TRITON_INTERPRET"]
+
+import torch  # noqa: E402
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1", torch.int8: "i8"}
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `k[grid](*args, **kw)` records the launch."""
+
+    def __init__(self, fn, launches: list):
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.fn, args, kwargs))
+        return launch
+
+
+def _signature(fn, args, kwargs) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, options) of one recorded launch, as `triton.compile` takes them."""
+    names = fn.arg_names
+    sig, const = {}, {}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    for i, name in enumerate(names):
+        v = values[name]
+        if fn.params[i].is_constexpr:
+            sig[name] = "constexpr"
+            const[name] = v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
+    return sig, const, options
+
+
+def record_launches(dtype: torch.dtype, negatives: bool, T: int = 64, top_k: int = 50, random_k: int = 50,
+                    quantile_k: int = 10, hist_bins: int = 64, n: int = 200, B: int = 24,
+                    block_n: int = 64, finish_block_n: int = 16) -> list:
+    """The kernel launches of a few batches of one layer, driven through `update_layer` on the CPU
+    (its state logic runs for real, so each launch has the arguments a GPU run would give it).
+    The sizes default to the recorder's defaults; the block sizes to `default_config` on CUDA."""
+    from kernels import reference as ref
+    from kernels import triton_update as tu
+
+    launches: list = []
+    originals = tu._stream_kernel, tu._finish_kernel
+    tu._stream_kernel = _Recorder(originals[0], launches)
+    tu._finish_kernel = _Recorder(originals[1], launches)
+    try:
+        spec = ref.ReductionSpec(excerpt_len=T, top_k=top_k, negatives=negatives, random_k=random_k,
+                                 quantile_k=quantile_k, quantile_prefix=B + B // 2, hist_bins=hist_bins, seed=0)
+        state = ref.LayerState.empty(spec, n, dtype, torch.device("cpu"))
+        sample = ref.RandomSample.empty(spec, torch.device("cpu"))
+        gen = torch.Generator().manual_seed(0)
+        for k in range(3):  # before, across and after the end of the quantile prefix
+            batch, sample = ref.plan_batch(spec, sample, k * B, B, torch.device("cpu"))
+            acts = torch.randn(B, T, n, generator=gen).to(dtype)
+            if batch.completes_prefix:
+                # The launches on both sides of the prefix end; boundaries come from the reference.
+                state.prefix_max.copy_(torch.randn(state.prefix_max.shape, generator=gen))
+            tu.update_layer(state, spec, acts, batch, block_n=block_n, finish_block_n=finish_block_n)
+    finally:
+        tu._stream_kernel, tu._finish_kernel = originals
+    return launches
+
+
+def compile_all(arch: int, dtypes: list[torch.dtype], log=print, **sizes) -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    seen: set = set()
+    n = 0
+    for dtype in dtypes:
+        for negatives in (True, False):
+            for fn, args, kwargs in record_launches(dtype, negatives, **sizes):
+                sig, const, options = _signature(fn, args, kwargs)
+                key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                t0 = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, sig, const), target=target, options=options)
+                md = compiled.metadata
+                feats = ",".join(f"{k}={v}" for k, v in sorted(const.items())
+                                 if k in ("NEG", "HIST", "QUANT", "RANDOM", "BLOCK_N"))
+                log(f"sm_{arch} {fn.__name__} {_TYPES[dtype]} {feats}: "
+                    f"{len(compiled.asm['cubin']):,} B cubin, {md.shared:,} B shared, "
+                    f"{time.perf_counter() - t0:.1f} s")
+                n += 1
+    return n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kernels.aot_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100/H200)")
+    p.add_argument("--dtype", action="append", choices=["bf16", "fp16", "fp32"],
+                   help="activation dtypes to compile for (default all three)")
+    p.add_argument("--excerpt-len", type=int, default=64, help="tokens per excerpt (default 64)")
+    p.add_argument("--top-k", type=int, default=50, help="top (and bottom) excerpts per neuron (default 50)")
+    p.add_argument("--random-k", type=int, default=50, help="random sample size (default 50)")
+    a = p.parse_args(argv)
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = [table[d] for d in (a.dtype or ["bf16", "fp16", "fp32"])]
+    import triton
+
+    print(f"triton {triton.__version__}, torch {torch.__version__}")
+    try:
+        n = compile_all(a.arch, dtypes, T=a.excerpt_len, top_k=a.top_k, random_k=a.random_k)
+    except Exception as exc:  # the point of the check: report the compiler's complaint
+        first = str(exc).strip().splitlines()
+        print(f"error: compiling for sm_{a.arch} failed: {type(exc).__name__}: {first[0] if first else ''}",
+              file=sys.stderr)
+        return 1
+    print(f"{n} kernel variants compiled for sm_{a.arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
