@@ -10,7 +10,8 @@ recorders of their arguments, then hands each recorded launch to `triton.compile
 (ptxas ships inside the triton wheel). It launches nothing; it needs no GPU and no driver.
 
 It covers the features a layer can switch on: the negatives (bottom-K) list, the random sample,
-the quantile samples and histogram (before and after the prefix completes), in each dtype.
+the quantile samples and histogram (before and after the prefix completes), in each dtype, and
+each activation function of the path that produces the activations.
 Exit 0 and one line per compiled kernel, or 1 and the first failure.
 """
 
@@ -69,10 +70,12 @@ def _signature(fn, args, kwargs) -> tuple[dict, dict, dict]:
 
 def record_launches(dtype: torch.dtype, negatives: bool, T: int = 64, top_k: int = 50, random_k: int = 50,
                     quantile_k: int = 10, hist_bins: int = 64, n: int = 200, B: int = 24,
-                    block_n: int = 64, finish_block_n: int = 16) -> list:
+                    block_n: int = 64, finish_block_n: int = 16, activation: str | None = None,
+                    skip: int = 0) -> list:
     """The kernel launches of a few batches of one layer, driven through `update_layer` on the CPU
     (its state logic runs for real, so each launch has the arguments a GPU run would give it).
-    The sizes default to the recorder's defaults; the block sizes to `default_config` on CUDA."""
+    The sizes default to the recorder's defaults; the block sizes to `default_config` on CUDA.
+    With `activation`, the path that produces the activations (`activate_update`) instead."""
     from kernels import reference as ref
     from kernels import triton_update as tu
 
@@ -88,11 +91,16 @@ def record_launches(dtype: torch.dtype, negatives: bool, T: int = 64, top_k: int
         gen = torch.Generator().manual_seed(0)
         for k in range(3):  # before, across and after the end of the quantile prefix
             batch, sample = ref.plan_batch(spec, sample, k * B, B, torch.device("cpu"))
-            acts = torch.randn(B, T, n, generator=gen).to(dtype)
+            acts = torch.randn(B, skip + T, n, generator=gen).to(dtype)
             if batch.completes_prefix:
                 # The launches on both sides of the prefix end; boundaries come from the reference.
                 state.prefix_max.copy_(torch.randn(state.prefix_max.shape, generator=gen))
-            tu.update_layer(state, spec, acts, batch, block_n=block_n, finish_block_n=finish_block_n)
+            tuning = dict(block_n=block_n, finish_block_n=finish_block_n)
+            if activation is None:
+                tu.update_layer(state, spec, acts, batch, **tuning)
+            else:
+                up = acts.clone() if activation.endswith("_mul") else None
+                tu.activate_update(state, spec, acts, up, activation, batch, skip=skip, **tuning)
     finally:
         tu._stream_kernel, tu._finish_kernel = originals
     return launches
@@ -106,9 +114,14 @@ def compile_all(arch: int, dtypes: list[torch.dtype], log=print, **sizes) -> int
     target = GPUTarget("cuda", arch, 32)
     seen: set = set()
     n = 0
+    from kernels.triton_update import ACTIVATIONS
+
+    runs = [(negatives, None, 0) for negatives in (True, False)]
+    runs += [(True, activation, 1) for activation in ACTIVATIONS]  # where activations are produced
     for dtype in dtypes:
-        for negatives in (True, False):
-            for fn, args, kwargs in record_launches(dtype, negatives, **sizes):
+        for negatives, activation, skip in runs:
+            for fn, args, kwargs in record_launches(dtype, negatives, activation=activation, skip=skip,
+                                                    **sizes):
                 sig, const, options = _signature(fn, args, kwargs)
                 key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())))
                 if key in seen:
@@ -118,7 +131,7 @@ def compile_all(arch: int, dtypes: list[torch.dtype], log=print, **sizes) -> int
                 compiled = triton.compile(ASTSource(fn, sig, const), target=target, options=options)
                 md = compiled.metadata
                 feats = ",".join(f"{k}={v}" for k, v in sorted(const.items())
-                                 if k in ("NEG", "HIST", "QUANT", "RANDOM", "BLOCK_N"))
+                                 if k in ("NEG", "HIST", "QUANT", "RANDOM", "BLOCK_N", "ACT", "SKIP"))
                 log(f"sm_{arch} {fn.__name__} {_TYPES[dtype]} {feats}: "
                     f"{len(compiled.asm['cubin']):,} B cubin, {md.shared:,} B shared, "
                     f"{time.perf_counter() - t0:.1f} s")

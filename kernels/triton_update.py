@@ -68,19 +68,72 @@ def _pebay(na, ma, m2a, m3a, m4a, nb, mb, m2b, m3b, m4b):
     return mean, m2, m3, m4
 
 
+ACT_NONE, ACT_GELU_TANH, ACT_GELU_ERF, ACT_SILU_MUL, ACT_GELU_TANH_MUL = 0, 1, 2, 3, 4
+"""What the stream kernel applies to its input before reducing it (`ACTIVATIONS` names them)."""
+
+ACTIVATIONS = {"gelu_tanh": ACT_GELU_TANH, "gelu": ACT_GELU_ERF, "silu_mul": ACT_SILU_MUL,
+               "gelu_tanh_mul": ACT_GELU_TANH_MUL}
+"""Activation functions the kernel can compute where the activation is produced: GELU with the
+tanh approximation (GPT-2's gelu_new) or with erf (GPT-NeoX), and the gated products
+act(gate) * up with SiLU (Llama, Mistral, Qwen) or tanh-GELU (Gemma)."""
+
+
+@triton.jit
+def _gelu_tanh(z):
+    # tanh(w) = 1 - 2 / (1 + exp(2w)): exact at both ends (exp overflows to inf: tanh = 1).
+    w = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    return 0.5 * z * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * w)))
+
+
+@triton.jit
+def _round(a, OUT: tl.constexpr):
+    """float32 -> OUT, rounding to nearest even. For bfloat16 in integer arithmetic: Triton's
+    interpreter truncates that conversion, and this way both the interpreter and the compiled
+    kernel round as PyTorch does."""
+    if OUT == tl.bfloat16:
+        bits = a.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(a != a, 0x7FC0, bits)  # NaN stays NaN (the carry could make it inf)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return a.to(OUT)
+
+
+@triton.jit
+def _activate(z, u, ACT: tl.constexpr, OUT: tl.constexpr):
+    """act(z) (times u for the gated kinds) in float32, rounded once to OUT; in the gated kinds
+    act(z) is rounded to OUT before the product, as eager PyTorch's two kernels do."""
+    if ACT == 1:
+        a = _gelu_tanh(z)
+    elif ACT == 2:
+        a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        a = _round(z / (1.0 + tl.exp(-z)), OUT).to(tl.float32) * u
+    else:
+        a = _round(_gelu_tanh(z), OUT).to(tl.float32) * u
+    return _round(a, OUT)
+
+
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
 def _stream_kernel(
-    x_ptr, sxb, sxt,  # activations [B, T, N], neuron stride 1
+    x_ptr, sxb, sxt,  # activations [B, T, N] (pre-activations with ACT), neuron stride 1
     ids_ptr, bqprio_ptr,  # [B] excerpt ids, [B] quantile priorities
     top_max_ptr, neg_min_ptr, prefix_ptr, qbounds_ptr, qprio_ptr, hist_ptr, hrange_ptr,
     pmom_ptr, pmm_ptr, pint_ptr,  # partials: [4, splits, N] f64, [2, splits, N] f32, [2, splits, N] i32
     cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
     flag_ptr,
+    u_ptr, sub, sut,  # with a gated ACT: the up projection [B, SKIP + T, N]
+    y_ptr, syb, syt,  # with ACT: where the activations go [B, SKIP + T, N]
     N, T, P, row_lo, row_hi, rows_per_split, n_splits,
     K: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr,
     NEG: tl.constexpr, HIST: tl.constexpr, QUANT: tl.constexpr,
     Q: tl.constexpr, Q_PAD: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
+    ACT: tl.constexpr, SKIP: tl.constexpr,
 ):
+    """With ACT = 0, x holds the activations. Otherwise x holds the pre-activations (the gate,
+    with a gated ACT), [B, SKIP + T, N]: the kernel computes the activations, writes them all to y
+    (the first SKIP tokens of each excerpt too: a BOS the model sees but the statistics skip),
+    and reduces the T after the skipped ones exactly as it reduces stored activations."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,8 +177,30 @@ def _stream_kernel(
     bad = tl.zeros([BLOCK_N], dtype=tl.int32)
     Tf = tl.cast(T, tl.float64)
 
+    if ACT != 0:
+        x_tile += SKIP * sxt
+        u_tile = u_ptr + (SKIP + offs_t[:, None]).to(tl.int64) * sut + n64[None, :]
+        y_tile = y_ptr + (SKIP + offs_t[:, None]).to(tl.int64) * syt + n64[None, :]
+
     for b in range(r0, r1):
-        x = tl.load(x_tile + tl.cast(b, tl.int64) * sxb, mask=m2, other=0.0).to(tl.float32)
+        if ACT == 0:
+            x = tl.load(x_tile + tl.cast(b, tl.int64) * sxb, mask=m2, other=0.0).to(tl.float32)
+        else:
+            b64 = tl.cast(b, tl.int64)
+            z = tl.load(x_tile + b64 * sxb, mask=m2, other=0.0).to(tl.float32)
+            u = z
+            if ACT >= 3:
+                u = tl.load(u_tile + b64 * sub, mask=m2, other=0.0).to(tl.float32)
+            a = _activate(z, u, ACT, y_ptr.dtype.element_ty)
+            tl.store(y_tile + b64 * syb, a, mask=m2)
+            x = a.to(tl.float32)  # the statistics are those of what the model reads
+            for t0 in range(SKIP):
+                zs = tl.load(x_ptr + b64 * sxb + t0 * sxt + n64, mask=nmask, other=0.0).to(tl.float32)
+                us = zs
+                if ACT >= 3:
+                    us = tl.load(u_ptr + b64 * sub + t0 * sut + n64, mask=nmask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + b64 * syb + t0 * syt + n64, _activate(zs, us, ACT, y_ptr.dtype.element_ty),
+                         mask=nmask)
         emax = tl.max(tl.where(m2, x, float("-inf")), axis=0)
         emin = tl.min(tl.where(m2, x, float("inf")), axis=0)
         vmax = tl.maximum(vmax, emax)
@@ -493,10 +568,19 @@ def default_config(n: int, rows: int, device: torch.device) -> tuple[int, int, i
 def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_ids, neg_acts,
             random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts, hist, hist_range,
             moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi, bounds_ready, do_random,
-            block_n=0, rows_per_split=0, finish_block_n=0) -> torch.Tensor:
+            block_n=0, rows_per_split=0, finish_block_n=0, fused=None) -> torch.Tensor:
+    """One layer's launch pair. `fused`: None, or (pre, up, y, act, skip) for the path that
+    produces the activations: the kernels write act(pre) (* up) into y [B, skip + T, N], and
+    `acts` is the view y[:, skip:] that they reduce."""
     B, T, N = acts.shape
-    if acts.stride(2) != 1:
-        acts = acts.contiguous()
+    if fused is None:
+        if acts.stride(2) != 1:
+            acts = acts.contiguous()
+        x, u, y, act, skip = acts, acts, acts, ACT_NONE, 0
+    else:
+        x, u, y, act, skip = fused
+        x = x if x.stride(2) == 1 else x.contiguous()
+        u = x if u is None else (u if u.stride(2) == 1 else u.contiguous())
     K = top_max.shape[1]
     R = random_acts.shape[1]
     Q, S = quant_prio.shape[1], quant_prio.shape[2]
@@ -520,14 +604,15 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
     T_PAD = _pow2(T)
     dummy = top_max  # any tensor: pointers of disabled features are never dereferenced
     _stream_kernel[(nb, splits)](
-        acts, acts.stride(0), acts.stride(1), ids, bqprio,
+        x, x.stride(0), x.stride(1), ids, bqprio,
         top_max, neg_min if neg else dummy, prefix_max, quant_bounds, quant_prio, hist, hist_range,
         sc["pmom"], sc["pmm"], sc["pint"],
         sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
         flag,
+        u, u.stride(0), u.stride(1), y, y.stride(0), y.stride(1),
         N, T, quantile_prefix, row_lo, row_hi, rps, splits,
         K=K, BLOCK_N=bn, T_PAD=T_PAD, NEG=neg, HIST=hist_on, QUANT=quant,
-        Q=Q, Q_PAD=_pow2(Q), S=S, H=H,
+        Q=Q, Q_PAD=_pow2(Q), S=S, H=H, ACT=act, SKIP=skip,
         num_warps=4,
     )
     _finish_kernel[(triton.cdiv(N, fbn),)](
@@ -583,6 +668,34 @@ def _(acts, *args, **kwargs):
     return acts.new_empty((), dtype=torch.bool)
 
 
+@torch.library.custom_op("neuronatlas::activate_update_", mutates_args=("y",) + _MUTATED)
+def activate_update_op(
+    pre: torch.Tensor, up: Optional[torch.Tensor], y: torch.Tensor, act: int, skip: int,
+    ids: torch.Tensor, quant_prio_b: torch.Tensor, random_src: torch.Tensor,
+    top_max: torch.Tensor, top_ids: torch.Tensor, top_acts: torch.Tensor,
+    neg_min: Optional[torch.Tensor], neg_ids: Optional[torch.Tensor], neg_acts: Optional[torch.Tensor],
+    random_acts: torch.Tensor, prefix_max: torch.Tensor, quant_bounds: torch.Tensor,
+    quant_prio: torch.Tensor, quant_ids: torch.Tensor, quant_acts: torch.Tensor,
+    hist: torch.Tensor, hist_range: torch.Tensor, moments: torch.Tensor,
+    amin: torch.Tensor, amax: torch.Tensor, n_positive: torch.Tensor,
+    quantile_prefix: int, row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool,
+    block_n: int = 0, rows_per_split: int = 0, finish_block_n: int = 0,
+) -> torch.Tensor:
+    """`update_layer_op` where the activations are produced: writes y = act(pre) (* up) for
+    rows [row_lo, row_hi) of [B, skip + T, N] and folds y[:, skip:] into the state, reading pre
+    (and up) once. Returns the non-finite flag of the activations."""
+    return _launch(y[:, skip:], ids, quant_prio_b, random_src, top_max, top_ids, top_acts, neg_min,
+                   neg_ids, neg_acts, random_acts, prefix_max, quant_bounds, quant_prio, quant_ids,
+                   quant_acts, hist, hist_range, moments, amin, amax, n_positive, quantile_prefix,
+                   row_lo, row_hi, bounds_ready, do_random, block_n, rows_per_split, finish_block_n,
+                   fused=(pre, up, y, act, skip))
+
+
+@activate_update_op.register_fake
+def _(pre, *args, **kwargs):
+    return pre.new_empty((), dtype=torch.bool)
+
+
 def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
           row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool, **tuning) -> torch.Tensor:
     return update_layer_op(
@@ -592,6 +705,20 @@ def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, ba
         state.quant_acts, state.hist, state.hist_range, state.moments, state.amin, state.amax,
         state.n_positive, spec.quantile_prefix, row_lo, row_hi, bounds_ready, do_random, **tuning,
     )
+
+
+def _state_args(state: ref.LayerState) -> tuple:
+    return (state.top_max, state.top_ids, state.top_acts, state.neg_min, state.neg_ids, state.neg_acts,
+            state.random_acts, state.prefix_max, state.quant_bounds, state.quant_prio, state.quant_ids,
+            state.quant_acts, state.hist, state.hist_range, state.moments, state.amin, state.amax,
+            state.n_positive)
+
+
+def _call_fused(state, spec, pre, up, y, act, skip, batch, row_lo, row_hi, bounds_ready, do_random,
+                **tuning) -> torch.Tensor:
+    return activate_update_op(pre, up, y, act, skip, batch.ids, batch.quant_prio, batch.random_src,
+                              *_state_args(state), spec.quantile_prefix, row_lo, row_hi, bounds_ready,
+                              do_random, **tuning)
 
 
 def check_state(state: ref.LayerState, acts: torch.Tensor) -> None:
@@ -638,3 +765,55 @@ def update_layer_in_graph(state: ref.LayerState, spec: ref.ReductionSpec, acts: 
     The caller adds the batch's tokens to `state.count` after the graph, and runs a batch that
     completes the quantile prefix through `update_layer` instead (it needs `set_boundaries`)."""
     return _call(state, spec, acts, batch, 0, acts.shape[0], state.bounds_ready, True)
+
+
+def _activate_args(pre: torch.Tensor, up: Optional[torch.Tensor], activation: str, skip: int):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{activation}': use {', '.join(ACTIVATIONS)}")
+    act = ACTIVATIONS[activation]
+    if (act >= ACT_SILU_MUL) != (up is not None):
+        raise ValueError(f"activation '{activation}' {'needs' if up is None else 'takes no'} up projection")
+    if up is not None and up.shape != pre.shape:
+        raise ValueError(f"gate {tuple(pre.shape)} and up {tuple(up.shape)} differ in shape")
+    if pre.dim() != 3 or not 0 <= skip < pre.shape[1]:
+        raise ValueError(f"pre-activations must be [batch, {skip} + tokens, neurons], not {tuple(pre.shape)}")
+    return act, torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
+
+
+def activate_update(state: ref.LayerState, spec: ref.ReductionSpec, pre: torch.Tensor,
+                    up: Optional[torch.Tensor], activation: str, batch: ref.Batch, skip: int = 0,
+                    **tuning) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute a layer's activations where they are produced and record them in the same read.
+
+    pre: [B, skip + T, N] pre-activations (the gate for the gated kinds, with `up` beside it).
+    Returns (y, flag): y = act(pre) (* up), the tensor the model goes on with, and whether any
+    of y[:, skip:] was NaN or infinite. The state ends as `update_layer(state, spec, y[:, skip:],
+    batch)` would leave it: the statistics are those of the activations the model reads."""
+    act, y = _activate_args(pre, up, activation, skip)
+    B, Tf, _ = pre.shape
+    T = Tf - skip
+    check_state(state, y[:, skip:])
+    if state.count != batch.first_id * T:
+        raise ValueError(f"the state has seen {state.count} tokens but the batch starts at excerpt "
+                         f"{batch.first_id} of {T} tokens: batches must come in order from excerpt 0")
+    if batch.completes_prefix:
+        # As `update_layer`, in two row ranges; the random sample, which may take any row of the
+        # batch, moves in the second, once all of y is written.
+        p = batch.prefix_rows
+        flag = _call_fused(state, spec, pre, up, y, act, skip, batch, 0, p, False, p == B, **tuning)
+        ref.set_boundaries(state, spec, spec.quantile_prefix)
+        if p < B:
+            flag = flag | _call_fused(state, spec, pre, up, y, act, skip, batch, p, B, True, True, **tuning)
+    else:
+        flag = _call_fused(state, spec, pre, up, y, act, skip, batch, 0, B, state.bounds_ready, True, **tuning)
+    state.count += B * T
+    return y, flag
+
+
+def activate_update_in_graph(state: ref.LayerState, spec: ref.ReductionSpec, pre: torch.Tensor,
+                             up: Optional[torch.Tensor], activation: str, batch: ref.Batch,
+                             skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`activate_update` for a compiled graph, as `update_layer_in_graph` is for `update_layer`."""
+    act, y = _activate_args(pre, up, activation, skip)
+    flag = _call_fused(state, spec, pre, up, y, act, skip, batch, 0, pre.shape[0], state.bounds_ready, True)
+    return y, flag
