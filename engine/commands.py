@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--backend", default="auto",
                    help="reduction backend: auto (triton on CUDA, torch elsewhere), triton (fused kernels; "
                    "on a CPU only with TRITON_INTERPRET=1) or torch (the reference)")
+    p.add_argument("--fuse-activation", action="store_true",
+                   help="compute each layer's activation function in the recording kernel, so recording "
+                   "adds no read of the activations (GELU and gated SiLU/GELU MLPs; needs --backend triton)")
     p.add_argument("--compile", action="store_true",
                    help="run the forward pass through torch.compile (with --backend triton the reductions "
                    "join the compiled graph)")

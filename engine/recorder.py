@@ -72,6 +72,10 @@ class RecordConfig:
     """Seconds between checkpoints."""
     backend: str = "auto"
     """Reduction backend: triton (fused kernels), torch (reference) or auto (triton on CUDA)."""
+    fuse_activation: bool = False
+    """Replace each layer's activation step by the Triton kernel that computes and records it in
+    one read (`engine.fuse`); needs the triton backend. Layers it cannot replace are refused
+    with a notice and recorded through the plain hooks."""
     compile: bool = False
     """Run the forward pass through torch.compile (with the triton backend the reductions are
     inside the compiled graph; with torch they run between its pieces)."""
@@ -434,6 +438,9 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     graph_counts = graph_update is not None
     if cfg.compile and graph_update is None:
         graph_update = torch.compiler.disable(update_layer)
+    if cfg.fuse_activation and getattr(update_layer, "__module__", "") != "kernels.triton_update":
+        raise UserError("--fuse-activation needs the triton backend (--backend triton, or auto on a "
+                        "CUDA GPU whose kernels pass the self-check)")
 
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.excerpt_len, cfg.max_excerpts, cfg.text_field)
@@ -521,7 +528,34 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         snapshot = [(_layer_host(s), s.count, s.bounds_ready) for s in states]
         writer.submit(generation, snapshot, _host(sample.ids), done, complete, background)
 
-    handles = make_hooks(lm, on_layer)
+    fused_plan, undo = None, []
+    if cfg.fuse_activation:
+        from engine import fuse
+
+        fused_plan, why = fuse.plan_fusion(lm)
+        if fused_plan is None:
+            log(f"--fuse-activation: {why}; recording with a separate pass instead")
+    if fused_plan is not None:
+        from kernels import triton_update
+
+        skip = 1 if bos else 0
+
+        def on_pre(i: int, pre: torch.Tensor, up, activation: str) -> torch.Tensor:
+            if pre.dim() != 3 or pre.shape[-1] != lm.n_neurons[i]:
+                raise UserError(f"layer {i}: the activation step got a tensor of shape {tuple(pre.shape)}, "
+                                f"expected [batch, tokens, {lm.n_neurons[i]}]")
+            fn = (triton_update.activate_update_in_graph if current.get("graph") and graph_counts
+                  else triton_update.activate_update)
+            y, flag = fn(states[i], spec, pre, up, activation, current["batch"], skip=skip)
+            flags.append(flag)
+            return y
+
+        undo = fuse.install(fused_plan, on_pre)
+        handles = []
+        log(f"activations computed and recorded in one pass: "
+            f"{', '.join(sorted({f.activation for f in fused_plan}))} in {L} layers")
+    else:
+        handles = make_hooks(lm, on_layer)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -581,6 +615,10 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         writer.drain()
         for h in handles:
             h.remove()
+        if undo:
+            from engine import fuse
+
+            fuse.uninstall(undo)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t_start
