@@ -181,8 +181,10 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
     B, T = pool[0].shape
     spec = _spec(cfg, lm)
     _reset_peak(device)
-    update = select_update(backend, device)
-    graph_update = select_update(backend, device, in_graph=True) if mode == "compiled" else None
+    fused = backend == FUSED
+    update = select_update("triton" if fused else backend, device)
+    graph_update = (select_update("triton" if fused else backend, device, in_graph=True)
+                    if mode == "compiled" else None)
     graph_counts = graph_update is not None
     if mode == "compiled" and graph_update is None:
         graph_update = torch.compiler.disable(update)
@@ -196,7 +198,23 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
         flags.append(fn(states[i], spec, acts, current["batch"]))
 
     base = lm.model.base_model
-    handles = make_hooks(lm, on_layer)
+    undo = []
+    if fused:  # as the recorder's --fuse-activation does
+        from engine import fuse
+        from kernels import triton_update
+
+        plan, _ = fuse.plan_fusion(lm)
+
+        def on_pre(i, pre, up, activation):
+            fn = triton_update.activate_update_in_graph if current.get("graph") else triton_update.activate_update
+            y, flag = fn(states[i], spec, pre, up, activation, current["batch"])
+            flags.append(flag)
+            return y
+
+        undo = fuse.install(plan, on_pre)
+        handles = []
+    else:
+        handles = make_hooks(lm, on_layer)
     fwd = _compiled(base, cfg, device) if mode == "compiled" else base
 
     def step(i):
@@ -220,6 +238,8 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
     finally:
         for h in handles:
             h.remove()
+        for u in undo:
+            u()
     peak = _peak(device)
     del states
     return cfg.steps * B * T / t, peak
@@ -302,10 +322,18 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
             "command": " ".join(sys.argv)}
 
 
-def default_backends(device: torch.device) -> list[str]:
+FUSED = "triton-fused"
+"""The recording backend where each layer's activation step is the kernel (`--fuse-activation`)."""
+
+
+def default_backends(device: torch.device, lm=None) -> list[str]:
     from kernels import triton_status
 
-    return ["torch"] + (["triton"] if triton_status(device) is None else [])
+    if triton_status(device) is not None:
+        return ["torch"]
+    from engine import fuse
+
+    return ["torch", "triton"] + ([FUSED] if lm is not None and fuse.plan_fusion(lm)[0] is not None else [])
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
@@ -315,12 +343,11 @@ def run(cfg: BenchConfig, log=print) -> dict:
 
     device = resolve_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
-    backends = cfg.backends or default_backends(device)
     from kernels import select_update
 
-    for b in backends:
+    for b in cfg.backends or []:
         try:
-            select_update(b, device)
+            select_update("triton" if b == FUSED else b, device)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     for m in cfg.modes:
@@ -329,6 +356,13 @@ def run(cfg: BenchConfig, log=print) -> dict:
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise UserError("--batch-sizes must list positive integers")
     lm = build_model(cfg.model, device, dtype, cfg.random_weights)
+    backends = cfg.backends or default_backends(device, lm)
+    if FUSED in backends:
+        from engine import fuse
+
+        why = fuse.plan_fusion(lm)[1]
+        if why:
+            raise UserError(f"backend {FUSED}: {why}")
     el = torch.empty((), dtype=dtype).element_size()
     T = cfg.excerpt_len
     vocab = int(lm.identity.get("vocab_size") or len(lm.tokenizer))
@@ -357,7 +391,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         copy_gbs = measure_copy(B * T * widest * el, dtype, device, cfg)
         upd = {"batch": B, "activation_bytes_per_batch": act_bytes, "copy_GBps": copy_gbs,
                "predicted_ms": 1e3 * act_bytes / (copy_gbs * 1e9)}
-        for backend in backends:
+        for backend in [b for b in backends if b != FUSED]:  # its update is not separable from the activation
             per_width = {n: measure_update(backend, n, B, dtype, device, cfg, lm) for n in sorted(set(lm.n_neurons))}
             steady = sum(per_width[n]["steady_ms"] for n in lm.n_neurons)
             upd[f"{backend}_first_ms"] = sum(per_width[n]["first_ms"] for n in lm.n_neurons)
@@ -392,6 +426,7 @@ def table(result: dict) -> str:
     lines += _fmt_rows(rows)
     lines.append("")
     head = ["batch", "act. bytes/batch", "copy GB/s", "predicted ms"]
+    backends = [b for b in backends if b != FUSED]  # no separate update to time
     for b in backends:
         head += [f"{b} ms (first)", f"{b} ms", f"{b} GB/s", "of copy"]
     rows = [head]
@@ -436,7 +471,9 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str | None = None) 
     p.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default: 256 on CUDA, 8 on CPU)")
     p.add_argument("--modes", type=_words, default=["eager", "compiled"], help="eager,compiled (default both)")
     p.add_argument("--backends", type=_words, default=None,
-                   help="reduction backends to record with (default: torch, plus triton where it runs)")
+                   help="reduction backends to record with: torch, triton, triton-fused (the activation step is "
+                   "the kernel, as record --fuse-activation); default: torch, plus triton and triton-fused "
+                   "where they run")
     p.add_argument("--excerpt-len", type=int, default=64, help="tokens per excerpt (default 64)")
     p.add_argument("--top-k", type=int, default=50, help="K of the recording (default 50)")
     p.add_argument("--quantile-prefix", type=int, default=2048,
