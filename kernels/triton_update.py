@@ -696,17 +696,6 @@ def _(pre, *args, **kwargs):
     return pre.new_empty((), dtype=torch.bool)
 
 
-def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
-          row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool, **tuning) -> torch.Tensor:
-    return update_layer_op(
-        acts, batch.ids, batch.quant_prio, batch.random_src,
-        state.top_max, state.top_ids, state.top_acts, state.neg_min, state.neg_ids, state.neg_acts,
-        state.random_acts, state.prefix_max, state.quant_bounds, state.quant_prio, state.quant_ids,
-        state.quant_acts, state.hist, state.hist_range, state.moments, state.amin, state.amax,
-        state.n_positive, spec.quantile_prefix, row_lo, row_hi, bounds_ready, do_random, **tuning,
-    )
-
-
 def _state_args(state: ref.LayerState) -> tuple:
     return (state.top_max, state.top_ids, state.top_acts, state.neg_min, state.neg_ids, state.neg_acts,
             state.random_acts, state.prefix_max, state.quant_bounds, state.quant_prio, state.quant_ids,
@@ -714,11 +703,40 @@ def _state_args(state: ref.LayerState) -> tuple:
             state.n_positive)
 
 
+def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
+          row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool, **tuning) -> torch.Tensor:
+    return update_layer_op(acts, batch.ids, batch.quant_prio, batch.random_src, *_state_args(state),
+                           spec.quantile_prefix, row_lo, row_hi, bounds_ready, do_random, **tuning)
+
+
 def _call_fused(state, spec, pre, up, y, act, skip, batch, row_lo, row_hi, bounds_ready, do_random,
                 **tuning) -> torch.Tensor:
     return activate_update_op(pre, up, y, act, skip, batch.ids, batch.quant_prio, batch.random_src,
                               *_state_args(state), spec.quantile_prefix, row_lo, row_hi, bounds_ready,
                               do_random, **tuning)
+
+
+def _fold(state: ref.LayerState, spec: ref.ReductionSpec, batch: ref.Batch, B: int, T: int, call) -> torch.Tensor:
+    """Fold a batch of B excerpts of T tokens into `state` through `call(row_lo, row_hi,
+    bounds_ready, do_random)`, one launch pair per row range, and count its tokens.
+
+    A batch that completes the quantile prefix goes in two ranges: rows before the prefix end,
+    then the reference's `set_boundaries` (once per run, from the whole prefix), then the rows
+    after it. The random sample, which may take any row of the batch, moves in the last launch,
+    once every row is there (the path that produces the activations writes them as it goes)."""
+    if state.count != batch.first_id * T:
+        raise ValueError(f"the state has seen {state.count} tokens but the batch starts at excerpt "
+                         f"{batch.first_id} of {T} tokens: batches must come in order from excerpt 0")
+    if batch.completes_prefix:
+        p = batch.prefix_rows
+        flag = call(0, p, False, p == B)
+        ref.set_boundaries(state, spec, spec.quantile_prefix)
+        if p < B:
+            flag = flag | call(p, B, True, True)
+    else:
+        flag = call(0, B, state.bounds_ready, True)
+    state.count += B * T
+    return flag
 
 
 def check_state(state: ref.LayerState, acts: torch.Tensor) -> None:
@@ -741,21 +759,8 @@ def update_layer(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Ten
     """`kernels.reference.update_layer` on the Triton kernels: same signature, same results."""
     B, T, _ = acts.shape
     check_state(state, acts)
-    if state.count != batch.first_id * T:
-        raise ValueError(f"the state has seen {state.count} tokens but the batch starts at excerpt "
-                         f"{batch.first_id} of {T} tokens: batches must come in order from excerpt 0")
-    if batch.completes_prefix:
-        # The boundaries come from the whole prefix: rows before its end first, then the
-        # reference's set_boundaries (once per run), then the rows after it.
-        p = batch.prefix_rows
-        flag = _call(state, spec, acts, batch, 0, p, False, True, **tuning)
-        ref.set_boundaries(state, spec, spec.quantile_prefix)
-        if p < B:
-            flag = flag | _call(state, spec, acts, batch, p, B, True, False, **tuning)
-    else:
-        flag = _call(state, spec, acts, batch, 0, B, state.bounds_ready, True, **tuning)
-    state.count += B * T
-    return flag
+    return _fold(state, spec, batch, B, T, lambda lo, hi, ready, rnd: _call(state, spec, acts, batch, lo, hi,
+                                                                             ready, rnd, **tuning))
 
 
 def update_layer_in_graph(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor,
@@ -791,22 +796,10 @@ def activate_update(state: ref.LayerState, spec: ref.ReductionSpec, pre: torch.T
     batch)` would leave it: the statistics are those of the activations the model reads."""
     act, y = _activate_args(pre, up, activation, skip)
     B, Tf, _ = pre.shape
-    T = Tf - skip
     check_state(state, y[:, skip:])
-    if state.count != batch.first_id * T:
-        raise ValueError(f"the state has seen {state.count} tokens but the batch starts at excerpt "
-                         f"{batch.first_id} of {T} tokens: batches must come in order from excerpt 0")
-    if batch.completes_prefix:
-        # As `update_layer`, in two row ranges; the random sample, which may take any row of the
-        # batch, moves in the second, once all of y is written.
-        p = batch.prefix_rows
-        flag = _call_fused(state, spec, pre, up, y, act, skip, batch, 0, p, False, p == B, **tuning)
-        ref.set_boundaries(state, spec, spec.quantile_prefix)
-        if p < B:
-            flag = flag | _call_fused(state, spec, pre, up, y, act, skip, batch, p, B, True, True, **tuning)
-    else:
-        flag = _call_fused(state, spec, pre, up, y, act, skip, batch, 0, B, state.bounds_ready, True, **tuning)
-    state.count += B * T
+    flag = _fold(state, spec, batch, B, Tf - skip,
+                 lambda lo, hi, ready, rnd: _call_fused(state, spec, pre, up, y, act, skip, batch, lo, hi, ready,
+                                                        rnd, **tuning))
     return y, flag
 
 
