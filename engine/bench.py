@@ -172,49 +172,22 @@ def measure_forward(lm, fwd, pool, device, cfg: BenchConfig) -> tuple[float, int
     return cfg.steps * B * T / t, _peak(device)
 
 
-def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: BenchConfig):
-    """Tokens/s of the recorder's hot loop with `backend`, and its peak memory."""
-    from engine.recorder import LateFlags, make_hooks
+def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: BenchConfig, fused_plan=None):
+    """Tokens/s of the recorder's hot loop with `backend`, and its peak memory. With `fused_plan`
+    (backend triton-fused), each layer's activation step is the kernel, as with --fuse-activation."""
+    from engine.recorder import LateFlags, attach, select_updates
     from kernels import reference as ref
-    from kernels import select_update
 
     B, T = pool[0].shape
     spec = _spec(cfg, lm)
     _reset_peak(device)
-    fused = backend == FUSED
-    update = select_update("triton" if fused else backend, device)
-    graph_update = (select_update("triton" if fused else backend, device, in_graph=True)
-                    if mode == "compiled" else None)
-    graph_counts = graph_update is not None
-    if mode == "compiled" and graph_update is None:
-        graph_update = torch.compiler.disable(update)
+    updates = select_updates("triton" if backend == FUSED else backend, device, mode == "compiled")
     states = [ref.LayerState.empty(spec, n, dtype, device) for n in lm.n_neurons]
     current: dict = {"sample": ref.RandomSample.empty(spec, device), "first": 0}
     late_flags = LateFlags(device)
     flags: list[torch.Tensor] = []
-
-    def on_layer(i, acts):
-        fn = graph_update if current.get("graph") else update
-        flags.append(fn(states[i], spec, acts, current["batch"]))
-
     base = lm.model.base_model
-    undo = []
-    if fused:  # as the recorder's --fuse-activation does
-        from engine import fuse
-        from kernels import triton_update
-
-        plan, _ = fuse.plan_fusion(lm)
-
-        def on_pre(i, pre, up, activation):
-            fn = triton_update.activate_update_in_graph if current.get("graph") else triton_update.activate_update
-            y, flag = fn(states[i], spec, pre, up, activation, current["batch"])
-            flags.append(flag)
-            return y
-
-        undo = fuse.install(plan, on_pre)
-        handles = []
-    else:
-        handles = make_hooks(lm, on_layer)
+    detach = attach(lm, states, spec, updates, current, flags, fused_plan=fused_plan if backend == FUSED else None)
     fwd = _compiled(base, cfg, device) if mode == "compiled" else base
 
     def step(i):
@@ -224,7 +197,7 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
         use_graph = mode == "compiled" and not batch.completes_prefix
         current["graph"] = use_graph
         (fwd if use_graph else base)(input_ids=pool[i % len(pool)], use_cache=False)
-        if use_graph and graph_counts:
+        if use_graph and updates.graph_counts:
             for s in states:
                 s.count += B * T
         late_flags.push(torch.stack(flags), current["first"])  # as the recorder does
@@ -236,10 +209,7 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
                 step(i)
             t = _timed(device, step, cfg.steps)
     finally:
-        for h in handles:
-            h.remove()
-        for u in undo:
-            u()
+        detach()
     peak = _peak(device)
     del states
     return cfg.steps * B * T / t, peak
@@ -326,14 +296,12 @@ FUSED = "triton-fused"
 """The recording backend where each layer's activation step is the kernel (`--fuse-activation`)."""
 
 
-def default_backends(device: torch.device, lm=None) -> list[str]:
+def default_backends(device: torch.device, fusable: bool) -> list[str]:
     from kernels import triton_status
 
     if triton_status(device) is not None:
         return ["torch"]
-    from engine import fuse
-
-    return ["torch", "triton"] + ([FUSED] if lm is not None and fuse.plan_fusion(lm)[0] is not None else [])
+    return ["torch", "triton"] + ([FUSED] if fusable else [])
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
@@ -356,13 +324,12 @@ def run(cfg: BenchConfig, log=print) -> dict:
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise UserError("--batch-sizes must list positive integers")
     lm = build_model(cfg.model, device, dtype, cfg.random_weights)
-    backends = cfg.backends or default_backends(device, lm)
-    if FUSED in backends:
-        from engine import fuse
+    from engine import fuse
 
-        why = fuse.plan_fusion(lm)[1]
-        if why:
-            raise UserError(f"backend {FUSED}: {why}")
+    fused_plan, why = fuse.plan_fusion(lm)
+    backends = cfg.backends or default_backends(device, fused_plan is not None)
+    if FUSED in backends and fused_plan is None:
+        raise UserError(f"backend {FUSED}: {why}")
     el = torch.empty((), dtype=dtype).element_size()
     T = cfg.excerpt_len
     vocab = int(lm.identity.get("vocab_size") or len(lm.tokenizer))
@@ -381,7 +348,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
             row = {"batch": B, "mode": mode, "forward_tok_s": tok, "forward_peak_bytes": peak}
             log(f"  batch {B} {mode}: forward {tok:,.0f} tok/s")
             for backend in backends:
-                rtok, rpeak = measure_recording(lm, backend, mode, pool, device, dtype, cfg)
+                rtok, rpeak = measure_recording(lm, backend, mode, pool, device, dtype, cfg, fused_plan)
                 row[f"record_{backend}_tok_s"] = rtok
                 row[f"record_{backend}_ratio"] = rtok / tok
                 row[f"record_{backend}_peak_bytes"] = rpeak

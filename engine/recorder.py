@@ -409,6 +409,84 @@ def make_hooks(lm: LoadedModel, on_layer) -> list:
     return handles
 
 
+@dataclass
+class Updates:
+    """The update functions of one recording loop (`select_updates`)."""
+
+    backend: str
+    """"torch" or "triton" (auto resolved)."""
+    eager: object
+    """update_layer(state, spec, acts, batch) -> flag, for batches run eagerly."""
+    graph: object | None
+    """The same inside a compiled graph (None without --compile)."""
+    graph_counts: bool
+    """Whether `graph` leaves state.count to the caller (the Triton op does; the reference, run
+    outside the graph, counts itself)."""
+
+
+def select_updates(backend: str, device: torch.device, compiled: bool) -> Updates:
+    """Resolve `backend` on `device` and pick its update functions, eager and in-graph."""
+    from kernels import resolve_backend, select_update
+
+    try:
+        backend = resolve_backend(backend, device)
+        eager = select_update(backend, device)
+        # In a compiled graph the update must not touch host integers; the reference does, so
+        # it runs outside the graph (a break per layer) and keeps its own token count.
+        graph = select_update(backend, device, in_graph=True) if compiled else None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    counts = graph is not None
+    if compiled and graph is None:
+        graph = torch.compiler.disable(eager)
+    return Updates(backend, eager, graph, counts)
+
+
+def attach(lm: LoadedModel, states: list, spec: ref.ReductionSpec, updates: Updates, current: dict,
+           flags: list, skip: int = 0, fused_plan: list | None = None):
+    """Connect each layer of `lm` to its state for a recording loop; returns the function that
+    disconnects them. Each forward pass then appends one non-finite flag per layer to `flags`,
+    running the in-graph update while `current["graph"]` is set, on `current["batch"]`.
+
+    Plain: a hook per layer folds the neuron vector (its first `skip` tokens dropped) into the
+    state. With `fused_plan` (`engine.fuse.plan_fusion`, triton backend): each layer's activation
+    step is replaced by the kernel that computes the activations and folds them in one read."""
+
+    def check(i: int, t: torch.Tensor, what: str) -> None:
+        if t.dim() != 3 or t.shape[-1] != lm.n_neurons[i]:
+            raise UserError(
+                f"layer {i}: {what} gave a tensor of shape {tuple(t.shape)}, expected "
+                f"[batch, tokens, {lm.n_neurons[i]}]: this variant of '{lm.identity['model_type']}' "
+                "is not supported"
+            )
+
+    if fused_plan is not None:
+        from engine import fuse
+        from kernels import triton_update
+
+        def on_pre(i: int, pre: torch.Tensor, up, activation: str) -> torch.Tensor:
+            check(i, pre, "the activation step")
+            fn = triton_update.activate_update_in_graph if current.get("graph") else triton_update.activate_update
+            y, flag = fn(states[i], spec, pre, up, activation, current["batch"], skip=skip)
+            flags.append(flag)
+            return y
+
+        undo = fuse.install(fused_plan, on_pre)
+        return lambda: fuse.uninstall(undo)
+
+    def on_layer(i: int, acts: torch.Tensor) -> None:
+        check(i, acts, f"the hooked module '{lm.arch.module}'")
+        fn = updates.graph if current.get("graph") else updates.eager
+        flags.append(fn(states[i], spec, acts[:, skip:, :] if skip else acts, current["batch"]))
+
+    handles = make_hooks(lm, on_layer)
+
+    def detach() -> None:
+        for h in handles:
+            h.remove()
+    return detach
+
+
 def _store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -426,19 +504,8 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     exists = _prepare_out(out)
     device = resolve_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
-    from kernels import select_update
-
-    try:
-        update_layer = select_update(cfg.backend, device)
-        # In a compiled graph the update must not touch host integers; the reference does, so
-        # it runs outside the graph (a break per layer) and keeps its own token count.
-        graph_update = select_update(cfg.backend, device, in_graph=True) if cfg.compile else None
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    graph_counts = graph_update is not None
-    if cfg.compile and graph_update is None:
-        graph_update = torch.compiler.disable(update_layer)
-    if cfg.fuse_activation and getattr(update_layer, "__module__", "") != "kernels.triton_update":
+    updates = select_updates(cfg.backend, device, cfg.compile)
+    if cfg.fuse_activation and updates.backend != "triton":
         raise UserError("--fuse-activation needs the triton backend (--backend triton, or auto on a "
                         "CUDA GPU whose kernels pass the self-check)")
 
@@ -508,18 +575,6 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     flags: list[torch.Tensor] = []
     current: dict = {}
 
-    def on_layer(i: int, acts: torch.Tensor) -> None:
-        if acts.dim() != 3 or acts.shape[-1] != lm.n_neurons[i]:
-            raise UserError(
-                f"layer {i}: the hooked module '{lm.arch.module}' gave a tensor of shape "
-                f"{tuple(acts.shape)}, expected [batch, tokens, {lm.n_neurons[i]}]: this variant of "
-                f"'{lm.identity['model_type']}' is not supported"
-            )
-        if bos:
-            acts = acts[:, 1:, :]
-        update = graph_update if current.get("graph") else update_layer
-        flags.append(update(states[i], spec, acts, current["batch"]))
-
     writer = _CheckpointWriter(out, L, negatives)
 
     def checkpoint(done: int, complete: bool, background: bool = False) -> None:
@@ -528,34 +583,17 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         snapshot = [(_layer_host(s), s.count, s.bounds_ready) for s in states]
         writer.submit(generation, snapshot, _host(sample.ids), done, complete, background)
 
-    fused_plan, undo = None, []
+    fused_plan = None
     if cfg.fuse_activation:
         from engine import fuse
 
         fused_plan, why = fuse.plan_fusion(lm)
         if fused_plan is None:
             log(f"--fuse-activation: {why}; recording with a separate pass instead")
-    if fused_plan is not None:
-        from kernels import triton_update
-
-        skip = 1 if bos else 0
-
-        def on_pre(i: int, pre: torch.Tensor, up, activation: str) -> torch.Tensor:
-            if pre.dim() != 3 or pre.shape[-1] != lm.n_neurons[i]:
-                raise UserError(f"layer {i}: the activation step got a tensor of shape {tuple(pre.shape)}, "
-                                f"expected [batch, tokens, {lm.n_neurons[i]}]")
-            fn = (triton_update.activate_update_in_graph if current.get("graph") and graph_counts
-                  else triton_update.activate_update)
-            y, flag = fn(states[i], spec, pre, up, activation, current["batch"], skip=skip)
-            flags.append(flag)
-            return y
-
-        undo = fuse.install(fused_plan, on_pre)
-        handles = []
-        log(f"activations computed and recorded in one pass: "
-            f"{', '.join(sorted({f.activation for f in fused_plan}))} in {L} layers")
-    else:
-        handles = make_hooks(lm, on_layer)
+        else:
+            log(f"activations computed and recorded in one pass: "
+                f"{', '.join(sorted({f.activation for f in fused_plan}))} in {L} layers")
+    detach = attach(lm, states, spec, updates, current, flags, skip=1 if bos else 0, fused_plan=fused_plan)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -584,7 +622,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                 use_graph = compiled is not None and b == cfg.batch_size and not batch.completes_prefix
                 current["graph"] = use_graph
                 (compiled if use_graph else base)(input_ids=ref.to_device(toks, device), use_cache=False)
-                if use_graph and graph_counts:
+                if use_graph and updates.graph_counts:
                     for s in states:
                         s.count += b * T
                 sample = new_sample
@@ -613,12 +651,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
             checkpoint(done, complete=not stopped)
     finally:
         writer.drain()
-        for h in handles:
-            h.remove()
-        if undo:
-            from engine import fuse
-
-            fuse.uninstall(undo)
+        detach()
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t_start

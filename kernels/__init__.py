@@ -72,6 +72,25 @@ def triton_self_check(device) -> str | None:
     return problem
 
 
+def resolve_backend(backend: str, device) -> str:
+    """"torch" or "triton" for `backend`: "auto" is triton on CUDA when its kernels pass
+    `triton_self_check` there (else torch, with a warning), torch elsewhere."""
+    import torch
+
+    device = torch.device(device)
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and triton_status(device) is None:
+        problem = triton_self_check(device)
+        if problem is None:
+            return "triton"
+        import sys
+
+        print(f"warning: {problem}; recording with the torch reference instead "
+              "(--backend triton forces the kernels)", file=sys.stderr)
+    return "torch"
+
+
 def select_update(backend: str, device, in_graph: bool = False):
     """The function that folds one layer's activations into its state, for `backend`
     ("auto": triton on CUDA, torch elsewhere). Every backend has the signature and the results of
@@ -85,17 +104,7 @@ def select_update(backend: str, device, in_graph: bool = False):
     import torch
 
     device = torch.device(device)
-    if backend == "auto":
-        backend = "torch"
-        if device.type == "cuda" and triton_status(device) is None:
-            problem = triton_self_check(device)
-            if problem is None:
-                backend = "triton"
-            else:
-                import sys
-
-                print(f"warning: {problem}; recording with the torch reference instead "
-                      "(--backend triton forces the kernels)", file=sys.stderr)
+    backend = resolve_backend(backend, device)
     if backend == "torch":
         if in_graph:
             return None
