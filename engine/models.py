@@ -229,8 +229,6 @@ def _attr(obj, path: str):
 def _width(module: torch.nn.Module, arch: Architecture, config) -> int:
     if arch.read == "input" and hasattr(module, "in_features"):
         return int(module.in_features)
-    if arch.read == "input" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return int(module.weight.shape[0])  # GPT-2 style Conv1D: weight is [in, out]
     # An activation module has no weights: the width is the MLP's inner size.
     for key in ("n_inner", "intermediate_size", "ffn_dim"):
         v = getattr(config, key, None)

@@ -160,3 +160,32 @@ def test_info_and_reader_errors(capsys, tmp_path, tiny_models, corpus_file):
     with pytest.raises(IndexError):
         s.token_ids[30]
     assert s.token_ids[29].shape == (12,) and np.asarray(s.token_ids).shape == (30, 12)
+
+
+@pytest.mark.parametrize("fault", ["bypassed", "wrong width"])
+def test_model_variant_that_breaks_the_hook_point(fault, capsys, tmp_path, corpus_file, tiny_models, monkeypatch):
+    """A variant whose forward pass skips the hooked module (as Bloom's tensor-parallel path skips
+    dense_4h_to_h), or hands it another width than the config says, stops with one line instead
+    of recording wrong statistics."""
+    import torch
+
+    import engine.recorder as rec
+
+    real_load = rec.load_model
+
+    def load(*a, **k):
+        lm = real_load(*a, **k)
+        if fault == "bypassed":
+            lm.modules[1] = torch.nn.GELU()  # a module the forward pass never calls
+        else:
+            lm.n_neurons[1] += 3
+        return lm
+
+    monkeypatch.setattr(rec, "load_model", load)
+    rc, lines = run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", tmp_path / "s",
+                    "--max-excerpts", "16")
+    assert rc == 2 and len(lines) == 1
+    if fault == "bypassed":
+        assert "reached 1 of 2 hooked 'mlp.act' modules" in lines[0] and "not supported" in lines[0]
+    else:
+        assert "layer 1: the hooked module 'mlp.act' gave a tensor of shape (8, 12, 72)" in lines[0]
