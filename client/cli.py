@@ -246,15 +246,24 @@ def _open_store(args):
         raise _user_error(str(exc)) from None
 
 
+def _read_dead_letters(args) -> tuple[str, list]:
+    """(the request store's path, its dead letters), the store closed again."""
+    store = _open_store(args)
+    try:
+        return store.path, list(store.dead_letters())
+    finally:
+        store.close()
+
+
+def _why(d) -> str:
+    return f"{d.error_type}{' ' + str(d.status) if d.status else ''}"
+
+
 def dead_letters_command(args) -> int:
     import json
     from collections import Counter
 
-    store = _open_store(args)
-    try:
-        dead = list(store.dead_letters())
-    finally:
-        store.close()
+    path, dead = _read_dead_letters(args)
     if args.json:
         for d in dead:
             print(json.dumps({"key": d.key, "kind": d.kind, "body": d.body, "error": {
@@ -262,18 +271,18 @@ def dead_letters_command(args) -> int:
                 "attempts": d.attempts, "runs": d.runs, "failed_at": d.failed_at}, ensure_ascii=False))
         return 0
     if not dead:
-        print(f"{store.path}: no dead letters")
+        print(f"{path}: no dead letters")
         return 0
-    groups = Counter(f"{d.error_type}{' ' + str(d.status) if d.status else ''}: {d.message[:120]}" for d in dead)
-    print(f"{store.path}: {len(dead):,} dead letters")
+    groups = Counter(f"{_why(d)}: {d.message[:120]}" for d in dead)
+    print(f"{path}: {len(dead):,} dead letters")
     for text, n in groups.most_common():
         print(f"  {n:>6,} x {text}")
     print(f"oldest {min(args.limit, len(dead))}:")
     for d in dead[: args.limit]:
         model = d.body.get("model", "?")
         print(f"  {d.key[:12]}  {d.kind:<10} {model:<20} attempts {d.attempts:<3} runs {d.runs:<2} "
-              f"{d.error_type}{' ' + str(d.status) if d.status else ''}: {d.message[:100]}")
-    print(f"retry them with `neuronatlas retry-dead --store {store.path}`")
+              f"{_why(d)}: {d.message[:100]}")
+    print(f"retry them with `neuronatlas retry-dead --store {path}`")
     return 0
 
 
@@ -283,15 +292,11 @@ def retry_dead_command(args) -> int:
     from client.progress import summary
     from client.request import Request
 
-    store = _open_store(args)
-    try:
-        dead = list(store.dead_letters())
-    finally:
-        store.close()
+    path, dead = _read_dead_letters(args)
     if not dead:
-        _say(f"retry-dead: {store.path} has no dead letters")
+        _say(f"retry-dead: {path} has no dead letters")
         return 0
-    config = client_config(args, store.path, retry_dead=True)
+    config = client_config(args, path, retry_dead=True)
     requests = [Request(d.body, d.kind, d.key[:12]) for d in dead]
     models = {r.body.get("model") for r in requests if isinstance(r.body.get("model"), str)}
     client, elapsed, aborted, interrupted = asyncio.run(_run(config, requests, args, "retry-dead", models))
@@ -311,15 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.cli")
     register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
-    from engine.cli import UserError
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"neuronatlas {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"neuronatlas {args.command}: interrupted", file=sys.stderr)
-        return 130
+    from engine.cli import run_command
+
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(args) -> int:
+    """Run a parsed command: a UserError is one line and exit 2, Ctrl-C exit 130."""
     try:
         rc = args.func(args)
     except UserError as exc:
@@ -41,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"neuronatlas {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
