@@ -8,8 +8,8 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from engine.fuse import torch_activation
 from kernels import reference as ref
 from kernels import triton_update as tu
 from tests.kernels.test_update_parity import assert_states_equal, clone_state
@@ -18,17 +18,6 @@ from tests.kernels.test_update_parity import assert_states_equal, clone_state
 @pytest.fixture
 def seed():
     return random.SystemRandom().randrange(2**31)
-
-
-def eager(activation: str, pre: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
-    """What eager PyTorch computes (the gated kinds as two kernels: act, then the product)."""
-    if activation == "gelu_tanh":
-        return F.gelu(pre, approximate="tanh")
-    if activation == "gelu":
-        return F.gelu(pre)
-    if activation == "silu_mul":
-        return F.silu(pre) * up
-    return F.gelu(pre, approximate="tanh") * up
 
 
 def assert_activations_close(y: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, msg: str) -> None:
@@ -71,7 +60,7 @@ def test_activate_update_matches_reference(activation, dtype, skip, seed, device
         y, f_got = tu.activate_update(got, spec, pre, up, activation, batch, skip=skip)
         msg = f"seed {seed}, {activation}, {dtype}, skip {skip}, batch {i}"
         assert y.shape == pre.shape and y.dtype == dtype, msg
-        want_y = eager(activation, pre.cpu(), None if up is None else up.cpu())
+        want_y = torch_activation(activation, pre.cpu(), None if up is None else up.cpu())  # eager PyTorch
         scale = pre.cpu().float().abs() * (1 if up is None else up.cpu().float().abs())
         assert_activations_close(y.cpu(), want_y, scale, msg)
         f_want = ref.update_layer(want, spec, y[:, skip:], batch)
