@@ -210,9 +210,7 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
             t = _timed(device, step, cfg.steps)
     finally:
         detach()
-    peak = _peak(device)
-    del states
-    return cfg.steps * B * T / t, peak
+    return cfg.steps * B * T / t, _peak(device)
 
 
 def measure_update(backend: str, n: int, B: int, dtype, device, cfg: BenchConfig, lm) -> dict:
@@ -286,8 +284,14 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    tuning = None
+    if triton_version is not None and device.type == "cuda":
+        from kernels.triton_update import TUNING
+
+        tuning = dict(TUNING)
     return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-            "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+            "torch": torch.__version__, "triton": triton_version, "triton_tuning": tuning,
+            "transformers": transformers.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)}
 
@@ -376,8 +380,10 @@ def table(result: dict) -> str:
     """The measurement as two text tables (throughput, then the update alone)."""
     backends = result["config"]["backends"]
     env = result["env"]
+    tuning = env.get("triton_tuning")
     lines = [f"{result['model']['name']} | {env['device']} | {env['dtype']} | torch {env['torch']} | "
-             f"triton {env['triton']} | transformers {env['transformers']}", ""]
+             f"triton {env['triton']} | transformers {env['transformers']}"
+             + (" | triton launch " + ",".join(f"{k}={v}" for k, v in tuning.items()) if tuning else ""), ""]
     head = ["batch", "mode", "forward tok/s"]
     for b in backends:
         head += [f"record {b} tok/s", "ratio"]

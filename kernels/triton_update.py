@@ -549,20 +549,39 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _tuning_from_env() -> dict:
+    tuning = {"block_n": 64, "programs_per_sm": 4, "num_warps": 4, "finish_block_n": 16, "finish_warps": 4}
+    text = os.environ.get("NEURONATLAS_TRITON_TUNING", "")
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in tuning or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"NEURONATLAS_TRITON_TUNING: expected key=positive integer with key one of "
+                             f"{', '.join(tuning)}, got '{item}'")
+        tuning[key] = int(value)
+    return tuning
+
+
+TUNING = _tuning_from_env()
+"""The GPU launch shapes: the stream kernel's BLOCK_N, its programs per SM (row splits are chosen
+to reach that many) and warps; the finish kernel's BLOCK_N and warps. Overridable as
+NEURONATLAS_TRITON_TUNING="block_n=128,num_warps=8"; `benchmarks/kernel_sweep.py` times
+alternatives. Powers of two for the block sizes and warps."""
+
+
 def default_config(n: int, rows: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N of the stream kernel, rows per split, BLOCK_N of the finish kernel).
 
-    On a GPU the stream kernel gets enough programs to fill every SM a few times over, each
-    streaming a contiguous run of excerpts; the finish kernel, whose merge holds several
-    [BLOCK_N, buckets, slots] tiles, takes narrower blocks. In the interpreter, which pays per
-    operation rather than per element: one wide block and one split."""
+    On a GPU the stream kernel gets enough programs to fill every SM a few times over
+    (`TUNING`), each streaming a contiguous run of excerpts; the finish kernel, whose merge holds
+    several [BLOCK_N, buckets, slots] tiles, takes narrower blocks. In the interpreter, which pays
+    per operation rather than per element: one wide block and one split."""
     if device.type != "cuda":
         bn = min(256, _pow2(n, 16))
         return bn, rows, bn
-    block_n = 64
+    block_n = TUNING["block_n"]
     blocks = -(-n // block_n)
-    splits = max(1, min(rows, -(-4 * _sm_count(device.index or 0) // blocks)))
-    return block_n, -(-rows // splits), 16
+    splits = max(1, min(rows, -(-TUNING["programs_per_sm"] * _sm_count(device.index or 0) // blocks)))
+    return block_n, -(-rows // splits), TUNING["finish_block_n"]
 
 
 def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_ids, neg_acts,
@@ -613,7 +632,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
         N, T, quantile_prefix, row_lo, row_hi, rps, splits,
         K=K, BLOCK_N=bn, T_PAD=T_PAD, NEG=neg, HIST=hist_on, QUANT=quant,
         Q=Q, Q_PAD=_pow2(Q), S=S, H=H, ACT=act, SKIP=skip,
-        num_warps=4,
+        num_warps=TUNING["num_warps"] if acts.is_cuda else 4,
     )
     _finish_kernel[(triton.cdiv(N, fbn),)](
         acts, acts.stride(0), acts.stride(1), ids, bqprio, rsrc,
@@ -626,7 +645,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
         N, T, row_lo, row_hi, rps, splits,
         K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn, T_PAD=T_PAD, CB=16,
         NEG=neg, QUANT=quant, RANDOM=bool(do_random) and R > 0,
-        num_warps=4,
+        num_warps=TUNING["finish_warps"] if acts.is_cuda else 4,
     )
     return flag.view(torch.bool)
 

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# One lent-GPU session in two calls (the device tool's 15 minutes, see benchmarks/RESULTS.md):
+#
+#   bash benchmarks/gpu_session.sh 1    # parity on the GPU, launch-shape sweep, then GPT-2 and GPT-2 XL
+#                                       # eager and compiled, in that order of priority
+#   bash benchmarks/gpu_session.sh 2    # what part 1 had no time for, the recording tests on the GPU
+#
+# Each step has its own time cap inside the call's DEADLINE (seconds, default 540) and a failed
+# step does not stop the next. Logs and JSON go to $OUT (default benchmarks/out/gpu). Part 1 writes
+# the sweep's best launch shape to benchmarks/out/best_tuning (kept on a warm machine between calls)
+# and every benchmark after it runs with that shape (NEURONATLAS_TRITON_TUNING, recorded in the JSON).
+# Packages the GPU image lacks (zarr, numcodecs) come as wheels in .whl
+# (../shared/scripts/py312-wheels.sh), installed to /tmp/site.
+set -u
+part=${1:-1}
+OUT=${OUT:-benchmarks/out/gpu}
+DEADLINE=${DEADLINE:-540}
+mkdir -p "$OUT" benchmarks/out
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+start=$(date +%s)
+log="$OUT/session$part.log"
+
+step() {  # step NAME CAP command...: run with min(CAP, time left) seconds
+    local name=$1 cap=$2
+    shift 2
+    local left=$((DEADLINE - ($(date +%s) - start)))
+    local t=$((cap < left ? cap : left))
+    if [ "$t" -lt 15 ]; then
+        echo "### $name: skipped, ${left}s left" | tee -a "$log"
+        return
+    fi
+    echo "### $name (cap ${t}s) at $(($(date +%s) - start))s: $*" | tee -a "$log"
+    timeout -k 5 "$t" "$@" >>"$log" 2>&1
+    echo "### $name: rc=$? at $(($(date +%s) - start))s" | tee -a "$log"
+}
+
+if [ -d .whl ] && ! $PY -c "import zarr" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >>"$log" 2>&1 || echo "wheel install failed" | tee -a "$log"
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+[ -f benchmarks/out/best_tuning ] && export NEURONATLAS_TRITON_TUNING=$(cat benchmarks/out/best_tuning)
+
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
+    $PY -c "import sys, torch, triton, transformers, zarr; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__, 'zarr', zarr.__version__)"
+    echo "tuning: ${NEURONATLAS_TRITON_TUNING:-default}"
+} 2>&1 | tee -a "$log"
+
+bench() {  # bench NAME CAP record_throughput.py arguments...
+    local name=$1 cap=$2
+    shift 2
+    step "$name" "$cap" $PY benchmarks/record_throughput.py --out "$OUT/$name.json" "$@"
+}
+
+if [ "$part" = 1 ]; then
+    step parity 90 env NEURONATLAS_KERNEL_DEVICE=cuda $PY -m pytest -q -x -n 8 -p no:cacheprovider \
+        tests/kernels/test_update_parity.py tests/kernels/test_activate_parity.py
+    step sweep 90 $PY benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json"
+    if [ -f "$OUT/kernel_sweep.json" ]; then
+        $PY - "$OUT/kernel_sweep.json" >benchmarks/out/best_tuning <<'EOF'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "update_ms" in r]
+key = lambda r: (r["block_n"], r["programs_per_sm"], r["num_warps"])
+best = {}
+for r in rows:  # per shape, the fastest update and fused times
+    best[r["shape"]] = (min(best.get(r["shape"], (9e9,))[0], r["update_ms"]), min(best.get(r["shape"], (0, 9e9))[1], r["fused_ms"]))
+score, seen = {}, {}
+for r in rows:
+    b = best[r["shape"]]
+    score[key(r)] = score.get(key(r), 0) + r["update_ms"] / b[0] + r["fused_ms"] / b[1]
+    seen[key(r)] = seen.get(key(r), 0) + 1
+full = [k for k in score if seen[k] == max(seen.values())]  # measured on every shape
+k = min(full, key=score.get)
+print(f"block_n={k[0]},programs_per_sm={k[1]},num_warps={k[2]}")
+EOF
+        export NEURONATLAS_TRITON_TUNING=$(cat benchmarks/out/best_tuning)
+        echo "tuning chosen by the sweep: $NEURONATLAS_TRITON_TUNING" | tee -a "$log"
+    fi
+    bench gpt2_eager 45 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 --backends triton,triton-fused,torch
+    bench gpt2xl_eager 60 --models gpt2-xl --batch-sizes 256 --modes eager --steps 5 --backends triton,triton-fused,torch
+    bench gpt2_compiled 160 --models gpt2 --batch-sizes 1024 --modes compiled --steps 10 --backends triton,triton-fused,torch
+    bench gpt2xl_compiled 300 --models gpt2-xl --batch-sizes 256 --modes compiled --steps 5 --backends triton,triton-fused
+    [ -f "$OUT/gpt2xl_compiled.json" ] && touch benchmarks/out/gpt2xl_compiled.done
+else
+    [ -f benchmarks/out/gpt2xl_compiled.done ] || bench gpt2xl_compiled 300 --models gpt2-xl --batch-sizes 256 --modes compiled \
+        --steps 5 --backends triton,triton-fused
+    step record_tests 90 env NEURONATLAS_KERNEL_DEVICE=cuda $PY -m pytest -q -n 8 -p no:cacheprovider \
+        tests/kernels/test_record_triton.py tests/kernels/test_record_fused.py
+fi
+
+echo "=== summary (part $part, $(($(date +%s) - start))s) ==="
+grep -E "^(### |  block_n|  batch|gpt2|[0-9]+ passed|FAILED|E  )" "$log" | grep -v "^### .*: .*benchmarks" | tail -n 60
+for f in "$OUT"/*.json; do
+    [ -f "$f" ] || continue
+    case "$f" in *kernel_sweep*) continue ;; esac
+    $PY -c "import json, sys; sys.path.insert(0, '.'); from engine import bench; [print(bench.table(r), end='\n\n') for r in json.load(open('$f'))['runs']]"
+done
