@@ -56,14 +56,16 @@ bench() {  # bench NAME CAP record_throughput.py arguments...
 }
 
 if [ "$part" = 1 ]; then
-    step parity 90 env NEURONATLAS_KERNEL_DEVICE=cuda $PY -m pytest -q -x -n 8 -p no:cacheprovider \
+    step parity 90 env NEURONATLAS_KERNEL_DEVICE=cuda $PY -m pytest -q -n 8 -p no:cacheprovider \
         tests/kernels/test_update_parity.py tests/kernels/test_activate_parity.py
     step sweep 90 $PY benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json"
     if [ -f "$OUT/kernel_sweep.json" ]; then
         $PY - "$OUT/kernel_sweep.json" >benchmarks/out/best_tuning <<'EOF'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "update_ms" in r]
-key = lambda r: (r["block_n"], r["programs_per_sm"], r["num_warps"])
+if not rows:
+    sys.exit(0)
+key = lambda r: (r["block_n"], r["programs_per_sm"], r["num_warps"], r["chunk"])
 best = {}
 for r in rows:  # per shape, the fastest update and fused times
     best[r["shape"]] = (min(best.get(r["shape"], (9e9,))[0], r["update_ms"]), min(best.get(r["shape"], (0, 9e9))[1], r["fused_ms"]))
@@ -74,14 +76,15 @@ for r in rows:
     seen[key(r)] = seen.get(key(r), 0) + 1
 full = [k for k in score if seen[k] == max(seen.values())]  # measured on every shape
 k = min(full, key=score.get)
-print(f"block_n={k[0]},programs_per_sm={k[1]},num_warps={k[2]}")
+print(f"block_n={k[0]},programs_per_sm={k[1]},num_warps={k[2]},chunk={k[3]}")
 EOF
-        export NEURONATLAS_TRITON_TUNING=$(cat benchmarks/out/best_tuning)
-        echo "tuning chosen by the sweep: $NEURONATLAS_TRITON_TUNING" | tee -a "$log"
+        [ -s benchmarks/out/best_tuning ] && export NEURONATLAS_TRITON_TUNING=$(cat benchmarks/out/best_tuning)
+        echo "tuning chosen by the sweep: ${NEURONATLAS_TRITON_TUNING:-none (default)}" | tee -a "$log"
     fi
-    bench gpt2_eager 45 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 --backends triton,triton-fused,torch
-    bench gpt2xl_eager 60 --models gpt2-xl --batch-sizes 256 --modes eager --steps 5 --backends triton,triton-fused,torch
-    bench gpt2_compiled 160 --models gpt2 --batch-sizes 1024 --modes compiled --steps 10 --backends triton,triton-fused,torch
+    BACKENDS=${BACKENDS:-triton,triton-fused,torch}
+    bench gpt2_eager 45 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 --backends $BACKENDS
+    bench gpt2xl_eager 60 --models gpt2-xl --batch-sizes 256 --modes eager --steps 5 --backends $BACKENDS
+    bench gpt2_compiled 160 --models gpt2 --batch-sizes 1024 --modes compiled --steps 10 --backends $BACKENDS
     bench gpt2xl_compiled 300 --models gpt2-xl --batch-sizes 256 --modes compiled --steps 5 --backends triton,triton-fused
     [ -f "$OUT/gpt2xl_compiled.json" ] && touch benchmarks/out/gpt2xl_compiled.done
 else

@@ -101,14 +101,14 @@ def time_torch(n: int, B: int, T: int, layers: int, reps: int, dtype, device, wh
     return _median_ms(fn, reps) / layers
 
 
-def _configs(text: str) -> list[tuple[int, int, int]]:
+def _configs(text: str) -> list[tuple[int, int, int, int]]:
     try:
         out = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
     except ValueError:
         out = []
-    if not out or any(len(c) != 3 or min(c) < 1 for c in out):
-        raise argparse.ArgumentTypeError(f"expected block_n:programs_per_sm:num_warps,..., got '{text}'")
-    return out
+    if not out or any(len(c) not in (3, 4) or min(c) < 1 for c in out):
+        raise argparse.ArgumentTypeError(f"expected block_n:programs_per_sm:num_warps[:chunk],..., got '{text}'")
+    return [c + (tu.TUNING["chunk"],) if len(c) == 3 else c for c in out]
 
 
 def _write(result: dict, path: str) -> None:
@@ -120,9 +120,10 @@ def _write(result: dict, path: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=bench._words, default=["gpt2", "gpt2-xl"])
-    p.add_argument("--configs", type=_configs, default=_configs("64:4:4,128:4:4,128:4:8,64:8:4,32:8:4,128:8:8"),
-                   help="block_n:programs_per_sm:num_warps of the stream kernel, comma-separated; the first is "
-                   "the default (each new shape costs a few compilations, about 1.5 s each)")
+    p.add_argument("--configs", type=_configs,
+                   default=_configs("256:4:4:8,128:4:4:8,512:4:4:8,256:8:4:8,256:4:4:16,128:8:4:16,512:4:8:8"),
+                   help="block_n:programs_per_sm:num_warps[:chunk] of the stream kernel, comma-separated (each "
+                   "new one costs a few compilations, about 1.5 s each)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--excerpt-len", type=int, default=64)
@@ -150,21 +151,21 @@ def main() -> int:
         print(f"{shape}: N={n} B={B} {nbytes / 2**20:.0f} MiB/layer, copy {copy:,.0f} GB/s, read once "
               f"{base['read_once_ms']:.3f} ms, torch amax {base['amax_ms']:.3f} ms, torch gelu {base['gelu_ms']:.3f} ms",
               flush=True)
-        for bn, pps, nw in args.configs:
-            tu.TUNING.update(block_n=bn, programs_per_sm=pps, num_warps=nw)
-            row = dict(base, block_n=bn, programs_per_sm=pps, num_warps=nw)
+        for bn, pps, nw, chunk in args.configs:
+            tu.TUNING.update(block_n=bn, programs_per_sm=pps, num_warps=nw, chunk=chunk)
+            row = dict(base, block_n=bn, programs_per_sm=pps, num_warps=nw, chunk=chunk)
             try:
                 row["update_ms"] = time_update(n, B, T, args.layers, args.reps, dtype, device, fused=False)
                 row["fused_ms"] = time_update(n, B, T, args.layers, args.reps, dtype, device, fused=True)
             except Exception as exc:  # a shape the compiler refuses (registers, shared memory)
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                print(f"  block_n={bn} programs/SM={pps} warps={nw}: {row['error']}", flush=True)
+                print(f"  block_n={bn} programs/SM={pps} warps={nw} chunk={chunk}: {row['error']}", flush=True)
                 result["rows"].append(row)
                 _write(result, args.out)
                 continue
             row["update_GBps"] = nbytes / (row["update_ms"] / 1e3) / 1e9
             row["update_of_copy"] = row["update_GBps"] / copy
-            print(f"  block_n={bn:3d} programs/SM={pps} warps={nw}: update {row['update_ms']:.3f} ms "
+            print(f"  block_n={bn:3d} programs/SM={pps} warps={nw} chunk={chunk:2d}: update {row['update_ms']:.3f} ms "
                   f"({row['update_GBps']:,.0f} GB/s, {row['update_of_copy']:.2f} of copy); fused gelu+update "
                   f"{row['fused_ms']:.3f} ms vs torch gelu {base['gelu_ms']:.3f} (+{row['fused_ms'] - base['gelu_ms']:.3f})"
                   f" vs gelu then update {base['gelu_ms'] + row['update_ms']:.3f}", flush=True)

@@ -4,10 +4,13 @@ The reference folds a batch of activations [B, T, N] into a `LayerState` with so
 float64 copies of the whole tensor. Here the activation tensor is read once, by a streaming kernel,
 and everything that depends on the whole batch happens in a second, small kernel:
 
-* `_stream_kernel` (grid: neuron blocks x row splits) reads each excerpt's [T, BLOCK_N] tile once
+* `_stream_kernel` (grid: neuron blocks x row splits) reads each excerpt once, token by token,
   and reduces it on the spot: excerpt maximum (and minimum), the excerpt's moments merged into a
   float64 running set (Pebay), min / max / positives / non-finite, prefix maxima, histogram bin
-  (atomic add), quantile bucket. An excerpt whose maximum beats the neuron's current K-th value (or
+  (atomic add), quantile bucket. Every quantity is a [BLOCK_N] vector whose neurons stay with their
+  threads, so no reduction crosses threads: on an H200 this was 3x faster than reducing
+  [T, BLOCK_N] tiles along T, which cost a shared-memory round and a barrier per reduction and
+  spilled registers (benchmarks/RESULTS.md). An excerpt whose maximum beats the neuron's current K-th value (or
   whose priority beats the current S-th of its bucket) is appended to a per-neuron candidate list
   through an atomic counter. After the first batches almost no excerpt is a candidate, so the
   common case writes nothing but the partial moments.
@@ -114,6 +117,24 @@ def _activate(z, u, ACT: tl.constexpr, OUT: tl.constexpr):
     return _round(a, OUT)
 
 
+@triton.jit
+def _token(xp, up, yp, t, sxt, sut, syt, mask, ACT: tl.constexpr, STORE: tl.constexpr, OUT: tl.constexpr):
+    """Token t of one excerpt as float32 activations ([BLOCK_N] neurons). With ACT, xp points at
+    the pre-activations (up at the up projection): the activation is computed, rounded to OUT and,
+    with STORE, written to yp, where the model goes on reading it."""
+    z = tl.load(xp + t * sxt, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 0:
+        return z
+    else:
+        u = z
+        if ACT >= 3:
+            u = tl.load(up + t * sut, mask=mask, other=0.0).to(tl.float32)
+        a = _activate(z, u, ACT, OUT)
+        if STORE:
+            tl.store(yp + t * syt, a, mask=mask)
+        return a.to(tl.float32)  # the statistics are those of what the model reads
+
+
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
 def _stream_kernel(
     x_ptr, sxb, sxt,  # activations [B, T, N] (pre-activations with ACT), neuron stride 1
@@ -125,9 +146,9 @@ def _stream_kernel(
     u_ptr, sub, sut,  # with a gated ACT: the up projection [B, SKIP + T, N]
     y_ptr, syb, syt,  # with ACT: where the activations go [B, SKIP + T, N]
     N, T, P, row_lo, row_hi, rows_per_split, n_splits,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     NEG: tl.constexpr, HIST: tl.constexpr, QUANT: tl.constexpr,
-    Q: tl.constexpr, Q_PAD: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
+    Q: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
     ACT: tl.constexpr, SKIP: tl.constexpr,
 ):
     """With ACT = 0, x holds the activations. Otherwise x holds the pre-activations (the gate,
@@ -139,11 +160,6 @@ def _stream_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     n64 = offs_n.to(tl.int64)
-    offs_t = tl.arange(0, T_PAD)
-    tmask = offs_t < T
-    m2 = tmask[:, None] & nmask[None, :]
-    x_tile = x_ptr + offs_t[:, None].to(tl.int64) * sxt + n64[None, :]
-
     # The flag is written by the finish kernel only where a block saw a non-finite value.
     if (pid_n == 0) & (pid_s == 0):
         tl.store(flag_ptr, 0)
@@ -160,12 +176,6 @@ def _stream_kernel(
     if HIST:
         lo = tl.load(hrange_ptr + n64 * 2, mask=nmask, other=0.0)
         hi = tl.load(hrange_ptr + n64 * 2 + 1, mask=nmask, other=1.0)
-    if QUANT:
-        offs_q = tl.arange(0, Q_PAD)
-        bnd = tl.load(qbounds_ptr + n64[:, None] * (Q - 1) + offs_q[None, :],
-                      mask=nmask[:, None] & (offs_q[None, :] < Q - 1), other=float("inf"))
-        thr = tl.load(qprio_ptr + n64[:, None] * (Q * S) + offs_q[None, :] * S + (S - 1),
-                      mask=nmask[:, None] & (offs_q[None, :] < Q), other=0)
 
     mean = tl.zeros([BLOCK_N], dtype=tl.float64)
     M2 = tl.zeros([BLOCK_N], dtype=tl.float64)
@@ -173,56 +183,79 @@ def _stream_kernel(
     M4 = tl.zeros([BLOCK_N], dtype=tl.float64)
     vmin = tl.full([BLOCK_N], float("inf"), tl.float32)
     vmax = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    pos_tile = tl.zeros([T_PAD, BLOCK_N], dtype=tl.int32)
+    pos = tl.zeros([BLOCK_N], dtype=tl.int32)
     bad = tl.zeros([BLOCK_N], dtype=tl.int32)
     Tf = tl.cast(T, tl.float64)
 
+    # Every quantity is a [BLOCK_N] vector over the block's neurons, and an excerpt is read one
+    # token (one row of BLOCK_N neurons) at a time, CHUNK tokens per unrolled step so that their
+    # loads are in flight together: each neuron stays with the thread that owns it, and no
+    # reduction crosses threads.
+    x_row = x_ptr + n64
+    u_row = u_ptr + n64
+    y_row = y_ptr + n64
     if ACT != 0:
-        x_tile += SKIP * sxt
-        u_tile = u_ptr + (SKIP + offs_t[:, None]).to(tl.int64) * sut + n64[None, :]
-        y_tile = y_ptr + (SKIP + offs_t[:, None]).to(tl.int64) * syt + n64[None, :]
+        x_row += SKIP * sxt
+        u_row += SKIP * sut
+        y_row += SKIP * syt
+    # The shift of the power sums (see below): the first excerpt's first activation, then the
+    # running mean.
+    shift = _token(x_row + tl.cast(r0, tl.int64) * sxb, u_row + tl.cast(r0, tl.int64) * sub, y_row, 0,
+                   sxt, sut, syt, nmask, ACT, False, y_ptr.dtype.element_ty)  # r0 < r1: no split is empty
 
+    zeros_n = tl.zeros([BLOCK_N], dtype=tl.int32)
     for b in range(r0, r1):
-        if ACT == 0:
-            x = tl.load(x_tile + tl.cast(b, tl.int64) * sxb, mask=m2, other=0.0).to(tl.float32)
-        else:
-            b64 = tl.cast(b, tl.int64)
-            z = tl.load(x_tile + b64 * sxb, mask=m2, other=0.0).to(tl.float32)
-            u = z
-            if ACT >= 3:
-                u = tl.load(u_tile + b64 * sub, mask=m2, other=0.0).to(tl.float32)
-            a = _activate(z, u, ACT, y_ptr.dtype.element_ty)
-            tl.store(y_tile + b64 * syb, a, mask=m2)
-            x = a.to(tl.float32)  # the statistics are those of what the model reads
-            for t0 in range(SKIP):
-                zs = tl.load(x_ptr + b64 * sxb + t0 * sxt + n64, mask=nmask, other=0.0).to(tl.float32)
-                us = zs
-                if ACT >= 3:
-                    us = tl.load(u_ptr + b64 * sub + t0 * sut + n64, mask=nmask, other=0.0).to(tl.float32)
-                tl.store(y_ptr + b64 * syb + t0 * syt + n64, _activate(zs, us, ACT, y_ptr.dtype.element_ty),
-                         mask=nmask)
-        emax = tl.max(tl.where(m2, x, float("-inf")), axis=0)
-        emin = tl.min(tl.where(m2, x, float("inf")), axis=0)
+        b64 = tl.cast(b, tl.int64)
+        xb = x_row + b64 * sxb
+        ub = u_row + b64 * sub
+        yb = y_row + b64 * syb
+        if ACT != 0:
+            for t0 in range(SKIP):  # the model sees these (a BOS); the statistics skip them
+                _token(x_ptr + n64 + b64 * sxb + t0 * sxt, u_ptr + n64 + b64 * sub + t0 * sut,
+                       y_ptr + n64 + b64 * syb + t0 * syt, 0, sxt, sut, syt, nmask, ACT, True,
+                       y_ptr.dtype.element_ty)
+        # Moments of this excerpt from the power sums of d = x - shift: float32 within a chunk of
+        # tokens, float64 across chunks, then centred on the excerpt's mean in float64 and merged
+        # into the running float64 set (Pebay 2008, eq. 3.1-3.3).
+        emax = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        emin = tl.full([BLOCK_N], float("inf"), tl.float32)
+        s1 = tl.zeros([BLOCK_N], dtype=tl.float64)
+        s2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+        s3 = tl.zeros([BLOCK_N], dtype=tl.float64)
+        s4 = tl.zeros([BLOCK_N], dtype=tl.float64)
+        for t0 in range(0, T, CHUNK):
+            a1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            a2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            a3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            a4 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(CHUNK):
+                t = t0 + j
+                live = (zeros_n + t) < T  # a vector: Triton 3.9's interpreter refuses a scalar in a mask
+                x = _token(xb, ub, yb, t, sxt, sut, syt, nmask & live, ACT, True, y_ptr.dtype.element_ty)
+                emax = tl.where(live, tl.maximum(emax, x), emax)
+                emin = tl.where(live, tl.minimum(emin, x), emin)
+                pos += (live & (x > 0)).to(tl.int32)  # masked loads give 0: never positive
+                d = tl.where(live, x - shift, 0.0)
+                d2 = d * d
+                a1 += d
+                a2 += d2
+                a3 += d2 * d
+                a4 += d2 * d2
+            s1 += a1.to(tl.float64)
+            s2 += a2.to(tl.float64)
+            s3 += a3.to(tl.float64)
+            s4 += a4.to(tl.float64)
         vmax = tl.maximum(vmax, emax)
         vmin = tl.minimum(vmin, emin)
-        pos_tile += (x > 0).to(tl.int32)  # padding loads 0: never positive
-
-        # Moments of this excerpt around its float32 mean, corrected by the residual u as in
-        # the reference, then merged into the running float64 set (Pebay 2008, eq. 3.1-3.3).
-        c = tl.sum(x, axis=0) / T
         # A NaN or an infinity in the excerpt makes its sum non-finite (as the reference's s1).
-        bad = bad | ((c != c) | (tl.abs(c) == float("inf"))).to(tl.int32)
-        d = tl.where(m2, x - c[None, :], 0.0)
-        d2 = d * d
-        u = tl.sum(d, axis=0).to(tl.float64) / Tf
-        s2 = tl.sum(d2, axis=0).to(tl.float64)
-        s3 = tl.sum(d2 * d, axis=0).to(tl.float64)
-        s4 = tl.sum(d2 * d2, axis=0).to(tl.float64)
-        mb = c.to(tl.float64) + u
+        bad = bad | ((s1 != s1) | (tl.abs(s1) == float("inf"))).to(tl.int32)
+        u = s1 / Tf
+        mb = shift.to(tl.float64) + u
         m2b = s2 - Tf * u * u
         m3b = s3 - 3.0 * u * s2 + 2.0 * Tf * u * u * u
         m4b = s4 - 4.0 * u * s3 + 6.0 * u * u * s2 - 3.0 * Tf * u * u * u * u
         mean, M2, M3, M4 = _pebay(tl.cast(b - r0, tl.float64) * Tf, mean, M2, M3, M4, Tf, mb, m2b, m3b, m4b)
+        shift = tl.where(mean == mean, mean.to(tl.float32), 0.0)  # masked-out neurons: 0
 
         if b < prefix_rows:
             tl.store(prefix_ptr + n64 * P + (first_id + b), emax, mask=nmask)
@@ -242,13 +275,19 @@ def _stream_kernel(
             # IEEE division (not the approximate one) so that bins equal torch's bit for bit.
             f = tl.floor(tl.math.div_rn(emax - lo, hi - lo) * H)
             f = tl.minimum(tl.maximum(f, 0.0), H - 1.0)
+            f = tl.where(f == f, f, 0.0)  # NaN (the batch is flagged): any bin, never a wild address
             h = f.to(tl.int32) + 1
             h = tl.where(emax < lo, 0, h)
             h = tl.where(emax > hi, H + 1, h)
             tl.atomic_add(hist_ptr + n64 * (H + 2) + h, 1, mask=nmask & post, sem="relaxed")
         if QUANT:
-            bucket = tl.sum((emax[:, None] >= bnd).to(tl.int32), axis=1)
-            t_q = tl.sum(tl.where(offs_q[None, :] == bucket[:, None], thr, 0), axis=1)
+            # The bucket's boundaries and its current S-th priority are re-read per excerpt (from
+            # the cache: a block's are a few KB) rather than held in registers, [BLOCK_N, Q] each.
+            bucket = tl.zeros([BLOCK_N], dtype=tl.int32)
+            for q in tl.static_range(Q - 1):
+                bq = tl.load(qbounds_ptr + n64 * (Q - 1) + q, mask=nmask, other=float("inf"))
+                bucket += (emax >= bq).to(tl.int32)
+            t_q = tl.load(qprio_ptr + n64 * (Q * S) + bucket * S + (S - 1), mask=nmask, other=0)
             prio = tl.load(bqprio_ptr + b)
             is_c = nmask & post & (prio < t_q)
             slot = tl.atomic_add(cnt_ptr + 2 * N + offs_n, 1, mask=is_c, sem="relaxed")
@@ -263,7 +302,7 @@ def _stream_kernel(
     tl.store(pmom_ptr + 3 * plane + base, M4, mask=nmask)
     tl.store(pmm_ptr + base, vmin, mask=nmask)
     tl.store(pmm_ptr + plane + base, vmax, mask=nmask)
-    tl.store(pint_ptr + base, tl.sum(pos_tile, axis=0), mask=nmask)
+    tl.store(pint_ptr + base, pos, mask=nmask)
     tl.store(pint_ptr + plane + base, bad, mask=nmask)
 
 
@@ -550,7 +589,8 @@ def _sm_count(index: int) -> int:
 
 
 def _tuning_from_env() -> dict:
-    tuning = {"block_n": 64, "programs_per_sm": 4, "num_warps": 4, "finish_block_n": 16, "finish_warps": 4}
+    tuning = {"block_n": 512, "programs_per_sm": 4, "num_warps": 4, "chunk": 8, "finish_block_n": 16,
+              "finish_warps": 4}
     text = os.environ.get("NEURONATLAS_TRITON_TUNING", "")
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")
@@ -562,10 +602,12 @@ def _tuning_from_env() -> dict:
 
 
 TUNING = _tuning_from_env()
-"""The GPU launch shapes: the stream kernel's BLOCK_N, its programs per SM (row splits are chosen
-to reach that many) and warps; the finish kernel's BLOCK_N and warps. Overridable as
-NEURONATLAS_TRITON_TUNING="block_n=128,num_warps=8"; `benchmarks/kernel_sweep.py` times
-alternatives. Powers of two for the block sizes and warps."""
+"""The GPU launch shapes: the stream kernel's BLOCK_N (neurons per program), programs per SM
+(row splits are chosen to reach that many), warps, and CHUNK (tokens whose loads are issued
+together); the finish kernel's BLOCK_N and warps. The defaults scored best, plain and fused update
+together, of the seven shapes `benchmarks/kernel_sweep.py` timed on an H200 (2026-11-26, see
+benchmarks/RESULTS.md). Overridable as NEURONATLAS_TRITON_TUNING="block_n=256,chunk=16"; block
+sizes, warps and chunk are powers of two."""
 
 
 def default_config(n: int, rows: int, device: torch.device) -> tuple[int, int, int]:
@@ -630,8 +672,9 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
         flag,
         u, u.stride(0), u.stride(1), y, y.stride(0), y.stride(1),
         N, T, quantile_prefix, row_lo, row_hi, rps, splits,
-        K=K, BLOCK_N=bn, T_PAD=T_PAD, NEG=neg, HIST=hist_on, QUANT=quant,
-        Q=Q, Q_PAD=_pow2(Q), S=S, H=H, ACT=act, SKIP=skip,
+        K=K, BLOCK_N=bn, CHUNK=min(TUNING["chunk"], T_PAD) if acts.is_cuda else min(8, T_PAD),
+        NEG=neg, HIST=hist_on, QUANT=quant,
+        Q=Q, S=S, H=H, ACT=act, SKIP=skip,
         num_warps=TUNING["num_warps"] if acts.is_cuda else 4,
     )
     _finish_kernel[(triton.cdiv(N, fbn),)](
