@@ -9,11 +9,11 @@ and everything that depends on the whole batch happens in a second, small kernel
   float64 running set (Pebay), min / max / positives / non-finite, prefix maxima, histogram bin
   (atomic add), quantile bucket. Every quantity is a [BLOCK_N] vector whose neurons stay with their
   threads, so no reduction crosses threads: on an H200 this was 3x faster than reducing
-  [T, BLOCK_N] tiles along T, which cost a shared-memory round and a barrier per reduction and
-  spilled registers (benchmarks/RESULTS.md). An excerpt whose maximum beats the neuron's current K-th value (or
-  whose priority beats the current S-th of its bucket) is appended to a per-neuron candidate list
-  through an atomic counter. After the first batches almost no excerpt is a candidate, so the
-  common case writes nothing but the partial moments.
+  [T, BLOCK_N] tiles along T, which cost a shared-memory round and a barrier per reduction and,
+  at BLOCK_N 128, spilled registers (benchmarks/RESULTS.md). An excerpt whose maximum beats the
+  neuron's current K-th value (or whose priority beats the current S-th of its bucket) is appended
+  to a per-neuron candidate list through an atomic counter. After the first batches almost no
+  excerpt is a candidate, so the common case writes nothing but the partial moments.
 * `_finish_kernel` (grid: neuron blocks) merges the partial moments of the row splits, then, only in
   blocks where some neuron has candidates, merges them into the sorted top-K (bottom-K, per-bucket
   bottom-S) lists in exactly the reference's order and copies the per-token activations of the
