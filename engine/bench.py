@@ -286,9 +286,12 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         triton_version = None
     tuning = None
     if triton_version is not None and device.type == "cuda":
-        from kernels.triton_update import TUNING
+        try:
+            from kernels.triton_update import TUNING
 
-        tuning = dict(TUNING)
+            tuning = dict(TUNING)
+        except ValueError:  # a malformed NEURONATLAS_TRITON_TUNING: the triton backend reports it
+            pass
     return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__, "triton": triton_version, "triton_tuning": tuning,
             "transformers": transformers.__version__,

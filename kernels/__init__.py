@@ -60,12 +60,13 @@ def triton_self_check(device) -> str | None:
             if not isinstance(x, torch.Tensor):
                 same = x == y
             elif name == "moments":
-                # (mean, M2, M3, M4) within 1e-5 of their natural scale (sd, n sd^2, n sd^3,
-                # n sd^4): float32 rounding of the terms is 1e-7 of that scale, a wrong kernel 1.
+                # (mean, M2, M3, M4) within 1e-4 of their natural scale (sd, n sd^2, n sd^3,
+                # n sd^4). On these inputs float32 rounding reached 4e-6 of it (M4, through the
+                # interpreter, six seeds); a wrong kernel is off by the order of the scale itself.
                 n = max(a.count, 1)
                 sd = (x[:, 1] / n).clamp_min(0).sqrt()
                 scale = torch.stack([sd, n * sd**2, n * sd**3, n * sd**4], 1) + 1e-12
-                same = bool(((x.cpu() - y.cpu()).abs() <= 1e-5 * scale.cpu()).all())
+                same = bool(((x.cpu() - y.cpu()).abs() <= 1e-4 * scale.cpu()).all())
             else:
                 same = torch.equal(x.cpu(), y.cpu())
             if not same:

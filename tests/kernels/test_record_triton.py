@@ -173,3 +173,21 @@ def test_self_check_passes_on_working_kernels(device):
     from kernels import triton_self_check
 
     assert triton_self_check(device) is None
+
+
+def test_self_check_catches_moments_off_by_a_thousandth(device, monkeypatch):
+    """The moments tolerance leaves room for float32 rounding but not for a kernel whose M2 is off
+    by 1e-3 of its scale."""
+    import kernels
+    from kernels import triton_self_check, triton_update
+
+    real = triton_update.update_layer
+
+    def skewed(state, *args, **kwargs):
+        flag = real(state, *args, **kwargs)
+        state.moments[:, 1] *= 1.001
+        return flag
+
+    monkeypatch.setattr(triton_update, "update_layer", skewed)
+    monkeypatch.setattr(kernels, "_checked", {})
+    assert triton_self_check(device) == "the Triton kernels disagree with the reference on moments"
