@@ -58,14 +58,14 @@ bench() {  # bench NAME CAP record_throughput.py arguments...
 if [ "$part" = 1 ]; then
     step parity 90 env NEURONATLAS_KERNEL_DEVICE=cuda $PY -m pytest -q -n 8 -p no:cacheprovider \
         tests/kernels/test_update_parity.py tests/kernels/test_activate_parity.py
-    step sweep 90 $PY benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json"
+    step sweep 150 $PY benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json"
     if [ -f "$OUT/kernel_sweep.json" ]; then
         $PY - "$OUT/kernel_sweep.json" >benchmarks/out/best_tuning <<'EOF'
 import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "update_ms" in r]
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "fused_ms" in r and not r.get("ablate")]
 if not rows:
     sys.exit(0)
-key = lambda r: (r["block_n"], r["programs_per_sm"], r["num_warps"], r["chunk"])
+key = lambda r: tuple(sorted(r["tuning"].items()))
 best = {}
 for r in rows:  # per shape, the fastest update and fused times
     best[r["shape"]] = (min(best.get(r["shape"], (9e9,))[0], r["update_ms"]), min(best.get(r["shape"], (0, 9e9))[1], r["fused_ms"]))
@@ -75,8 +75,7 @@ for r in rows:
     score[key(r)] = score.get(key(r), 0) + r["update_ms"] / b[0] + r["fused_ms"] / b[1]
     seen[key(r)] = seen.get(key(r), 0) + 1
 full = [k for k in score if seen[k] == max(seen.values())]  # measured on every shape
-k = min(full, key=score.get)
-print(f"block_n={k[0]},programs_per_sm={k[1]},num_warps={k[2]},chunk={k[3]}")
+print(",".join(f"{name}={value}" for name, value in min(full, key=score.get)))
 EOF
         [ -s benchmarks/out/best_tuning ] && export NEURONATLAS_TRITON_TUNING=$(cat benchmarks/out/best_tuning)
         echo "tuning chosen by the sweep: ${NEURONATLAS_TRITON_TUNING:-none (default)}" | tee -a "$log"
@@ -95,7 +94,7 @@ else
 fi
 
 echo "=== summary (part $part, $(($(date +%s) - start))s) ==="
-grep -E "^(### |  block_n|  batch|gpt2|[0-9]+ passed|FAILED|E  )" "$log" | grep -v "^### .*: .*benchmarks" | tail -n 60
+grep -E "^(### |  block_n|  batch|gpt2|[0-9]+ passed|FAILED|E  )" "$log" | grep -v "^### .*: .*benchmarks" | tail -n 80
 for f in "$OUT"/*.json; do
     [ -f "$f" ] || continue
     case "$f" in *kernel_sweep*) continue ;; esac

@@ -14,6 +14,12 @@ each `kernels.triton_update.TUNING` in the sweep, next to
 Each number is the median of per-step CUDA-event times over `--reps` steps; a step is one planned
 batch folded into `--layers` states (as the recorder does per batch), divided by the layers.
 
+After the launch shapes: `--variants` (other `TUNING` settings on the default shape, such as
+lean=1), then `--ablate`: the plain update with stages of the stream kernel left out
+(`triton_update._ABLATE`; the state comes out wrong, the time difference is what the stage costs:
+1 moment centring and merging, 2 histogram, 4 quantile buckets, 8 top-K candidates, 16 per-token
+power sums, 31 all of them, leaving loads, maximum, minimum and positives).
+
     python benchmarks/kernel_sweep.py --out benchmarks/out/kernel_sweep.json
 """
 
@@ -111,6 +117,30 @@ def _configs(text: str) -> list[tuple[int, int, int, int]]:
     return [c + (tu.TUNING["chunk"],) if len(c) == 3 else c for c in out]
 
 
+def _variants(text: str) -> list[dict]:
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        try:
+            v = {k: int(x) for k, _, x in (kv.partition("=") for kv in item.split(";"))}
+        except ValueError:
+            v = {}
+        if not v or any(k not in tu.TUNING for k in v):
+            raise argparse.ArgumentTypeError(f"expected key=value[;key=value],... with keys of TUNING "
+                                             f"({', '.join(tu.TUNING)}), got '{item}'")
+        out.append(v)
+    return out
+
+
+def _masks(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = [-1]
+    if any(not 0 < m < 32 for m in out):
+        raise argparse.ArgumentTypeError(f"expected bitmasks 1..31, comma-separated, got '{text}'")
+    return out
+
+
 def _write(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -124,6 +154,11 @@ def main() -> int:
                    default=_configs("256:4:4:8,128:4:4:8,512:4:4:8,256:8:4:8,256:4:4:16,128:8:4:16,512:4:8:8"),
                    help="block_n:programs_per_sm:num_warps[:chunk] of the stream kernel, comma-separated (each "
                    "new one costs a few compilations, about 1.5 s each)")
+    p.add_argument("--variants", type=_variants, default=_variants("lean=1"),
+                   help="TUNING settings timed on the default launch shape: key=value[;key=value],...")
+    p.add_argument("--ablate", type=_masks, default=_masks("1,2,4,8,16,31"),
+                   help="stream-kernel stages to leave out of the plain update, as bitmasks (see above); "
+                   "'' for none")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--excerpt-len", type=int, default=64)
@@ -151,24 +186,41 @@ def main() -> int:
         print(f"{shape}: N={n} B={B} {nbytes / 2**20:.0f} MiB/layer, copy {copy:,.0f} GB/s, read once "
               f"{base['read_once_ms']:.3f} ms, torch amax {base['amax_ms']:.3f} ms, torch gelu {base['gelu_ms']:.3f} ms",
               flush=True)
-        for bn, pps, nw, chunk in args.configs:
-            tu.TUNING.update(block_n=bn, programs_per_sm=pps, num_warps=nw, chunk=chunk)
-            row = dict(base, block_n=bn, programs_per_sm=pps, num_warps=nw, chunk=chunk)
+        runs = [(dict(block_n=bn, programs_per_sm=pps, num_warps=nw, chunk=chunk), 0)
+                for bn, pps, nw, chunk in args.configs]
+        runs += [(v, 0) for v in args.variants] + [({}, m) for m in args.ablate]
+        for overrides, ablate in runs:
+            tu.TUNING.update(default)
+            tu.TUNING.update(overrides)
+            row = dict(base, block_n=tu.TUNING["block_n"], programs_per_sm=tu.TUNING["programs_per_sm"],
+                       num_warps=tu.TUNING["num_warps"], chunk=tu.TUNING["chunk"], tuning=dict(tu.TUNING),
+                       ablate=ablate)
+            label = (f"block_n={row['block_n']:3d} programs/SM={row['programs_per_sm']} warps={row['num_warps']} "
+                     f"chunk={row['chunk']:2d}" + "".join(f" {k}={v}" for k, v in overrides.items()
+                                                          if k not in ("block_n", "programs_per_sm", "num_warps", "chunk"))
+                     + (f" ablate={ablate}" if ablate else ""))
             try:
+                tu._ABLATE = ablate
                 row["update_ms"] = time_update(n, B, T, args.layers, args.reps, dtype, device, fused=False)
-                row["fused_ms"] = time_update(n, B, T, args.layers, args.reps, dtype, device, fused=True)
+                if not ablate:
+                    row["fused_ms"] = time_update(n, B, T, args.layers, args.reps, dtype, device, fused=True)
             except Exception as exc:  # a shape the compiler refuses (registers, shared memory)
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                print(f"  block_n={bn} programs/SM={pps} warps={nw} chunk={chunk}: {row['error']}", flush=True)
+                print(f"  {label}: {row['error']}", flush=True)
                 result["rows"].append(row)
                 _write(result, args.out)
                 continue
+            finally:
+                tu._ABLATE = 0
             row["update_GBps"] = nbytes / (row["update_ms"] / 1e3) / 1e9
             row["update_of_copy"] = row["update_GBps"] / copy
-            print(f"  block_n={bn:3d} programs/SM={pps} warps={nw} chunk={chunk:2d}: update {row['update_ms']:.3f} ms "
-                  f"({row['update_GBps']:,.0f} GB/s, {row['update_of_copy']:.2f} of copy); fused gelu+update "
-                  f"{row['fused_ms']:.3f} ms vs torch gelu {base['gelu_ms']:.3f} (+{row['fused_ms'] - base['gelu_ms']:.3f})"
-                  f" vs gelu then update {base['gelu_ms'] + row['update_ms']:.3f}", flush=True)
+            line = (f"  {label}: update {row['update_ms']:.3f} ms ({row['update_GBps']:,.0f} GB/s, "
+                    f"{row['update_of_copy']:.2f} of copy)")
+            if "fused_ms" in row:
+                line += (f"; fused gelu+update {row['fused_ms']:.3f} ms vs torch gelu {base['gelu_ms']:.3f} "
+                         f"(+{row['fused_ms'] - base['gelu_ms']:.3f}) vs gelu then update "
+                         f"{base['gelu_ms'] + row['update_ms']:.3f}")
+            print(line, flush=True)
             result["rows"].append(row)
             _write(result, args.out)  # after each row: a run cut short keeps what it measured
         tu.TUNING.update(default)

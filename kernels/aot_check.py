@@ -12,7 +12,9 @@ recorders of their arguments, then hands each recorded launch to `triton.compile
 It covers the features a layer can switch on: the negatives (bottom-K) list, the random sample,
 the quantile samples and histogram (before and after the prefix completes), in each dtype, and
 each activation function of the path that produces the activations.
-Exit 0 and one line per compiled kernel, or 1 and the first failure.
+Exit 0 and one line per compiled kernel, or 1 and the first failure. Each line gives the cubin's
+registers per thread and spill stack (cuobjdump, also in the wheel) at the stream kernel's
+`--block-n` (default 64; the GPU default is `TUNING`'s 512) and `--num-warps`.
 """
 
 from __future__ import annotations
@@ -106,7 +108,25 @@ def record_launches(dtype: torch.dtype, negatives: bool, T: int = 64, top_k: int
     return launches
 
 
-def compile_all(arch: int, dtypes: list[torch.dtype], log=print, **sizes) -> int:
+def resources(cubin: bytes) -> str:
+    """"REG:n STACK:n ..." of a cubin, by the cuobjdump that ships in the Triton wheel ('' if absent)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = [w for w in out.split() if w.startswith(("REG:", "STACK:", "LOCAL:"))]
+    return " ".join(dict.fromkeys(found))
+
+
+def compile_all(arch: int, dtypes: list[torch.dtype], log=print, num_warps: int = 4, **sizes) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -122,6 +142,8 @@ def compile_all(arch: int, dtypes: list[torch.dtype], log=print, **sizes) -> int
         for negatives, activation, skip in runs:
             for fn, args, kwargs in record_launches(dtype, negatives, activation=activation, skip=skip,
                                                     **sizes):
+                if fn.__name__ == "_stream_kernel":
+                    kwargs = dict(kwargs, num_warps=num_warps)
                 sig, const, options = _signature(fn, args, kwargs)
                 key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())))
                 if key in seen:
@@ -131,10 +153,10 @@ def compile_all(arch: int, dtypes: list[torch.dtype], log=print, **sizes) -> int
                 compiled = triton.compile(ASTSource(fn, sig, const), target=target, options=options)
                 md = compiled.metadata
                 feats = ",".join(f"{k}={v}" for k, v in sorted(const.items())
-                                 if k in ("NEG", "HIST", "QUANT", "RANDOM", "BLOCK_N", "ACT", "SKIP"))
+                                 if k in ("NEG", "HIST", "QUANT", "RANDOM", "BLOCK_N", "ACT", "SKIP", "LEAN"))
                 log(f"sm_{arch} {fn.__name__} {_TYPES[dtype]} {feats}: "
                     f"{len(compiled.asm['cubin']):,} B cubin, {md.shared:,} B shared, "
-                    f"{time.perf_counter() - t0:.1f} s")
+                    f"{resources(compiled.asm['cubin'])}, {time.perf_counter() - t0:.1f} s")
                 n += 1
     return n
 
@@ -147,6 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--excerpt-len", type=int, default=64, help="tokens per excerpt (default 64)")
     p.add_argument("--top-k", type=int, default=50, help="top (and bottom) excerpts per neuron (default 50)")
     p.add_argument("--random-k", type=int, default=50, help="random sample size (default 50)")
+    p.add_argument("--block-n", type=int, default=64, help="stream kernel's BLOCK_N (default 64)")
+    p.add_argument("--num-warps", type=int, default=4, help="stream kernel's warps (default 4)")
+    p.add_argument("--lean", action="store_true", help="the stream kernel with TUNING lean=1")
     a = p.parse_args(argv)
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtypes = [table[d] for d in (a.dtype or ["bf16", "fp16", "fp32"])]
@@ -154,7 +179,11 @@ def main(argv=None) -> int:
 
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     try:
-        n = compile_all(a.arch, dtypes, T=a.excerpt_len, top_k=a.top_k, random_k=a.random_k)
+        from kernels import triton_update
+
+        triton_update.TUNING["lean"] = int(a.lean)
+        n = compile_all(a.arch, dtypes, num_warps=a.num_warps, T=a.excerpt_len, top_k=a.top_k,
+                        random_k=a.random_k, block_n=a.block_n)
     except Exception as exc:  # the point of the check: report the compiler's complaint
         first = str(exc).strip().splitlines()
         print(f"error: compiling for sm_{a.arch} failed: {type(exc).__name__}: {first[0] if first else ''}",

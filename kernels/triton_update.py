@@ -6,8 +6,8 @@ and everything that depends on the whole batch happens in a second, small kernel
 
 * `_stream_kernel` (grid: neuron blocks x row splits) reads each excerpt once, token by token,
   and reduces it on the spot: excerpt maximum (and minimum), the excerpt's moments merged into a
-  float64 running set (Pebay), min / max / positives / non-finite, prefix maxima, histogram bin
-  (atomic add), quantile bucket. Every quantity is a [BLOCK_N] vector whose neurons stay with their
+  float64 running set (Pebay; with `TUNING` lean, once per row split), min / max / positives /
+  non-finite, prefix maxima, histogram bin (atomic add), quantile bucket. Every quantity is a [BLOCK_N] vector whose neurons stay with their
   threads, so no reduction crosses threads: on an H200 this was 3x faster than reducing
   [T, BLOCK_N] tiles along T, which cost a shared-memory round and a barrier per reduction and,
   at BLOCK_N 128, spilled registers (benchmarks/RESULTS.md). An excerpt whose maximum beats the
@@ -58,16 +58,30 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _pebay(na, ma, m2a, m3a, m4a, nb, mb, m2b, m3b, m4b):
-    """Merge two sets' (count, mean, M2, M3, M4) in float64: Pebay (2008), as in the reference."""
+    """Merge two sets' (count, mean, M2, M3, M4) in float64: Pebay (2008), as in the reference.
+    Where the counts are scalars (the stream kernel) every division is by a scalar: one reciprocal
+    per merge, then multiplications, instead of float64 divisions per neuron."""
     n = na + nb
+    r = 1.0 / n
     delta = mb - ma
-    mean = ma + delta * (nb / n)
-    m2 = m2a + m2b + delta * delta * (na * nb / n)
-    m3 = (m3a + m3b + delta * delta * delta * (na * nb * (na - nb) / (n * n))
-          + 3.0 * delta * (na * m2b - nb * m2a) / n)
-    m4 = (m4a + m4b + delta * delta * delta * delta * (na * nb * (na * na - na * nb + nb * nb) / (n * n * n))
-          + 6.0 * delta * delta * (na * na * m2b + nb * nb * m2a) / (n * n)
-          + 4.0 * delta * (na * m3b - nb * m3a) / n)
+    mean = ma + delta * (nb * r)
+    m2 = m2a + m2b + delta * delta * (na * nb * r)
+    m3 = (m3a + m3b + delta * delta * delta * (na * nb * (na - nb) * r * r)
+          + 3.0 * r * delta * (na * m2b - nb * m2a))
+    m4 = (m4a + m4b + delta * delta * delta * delta * (na * nb * (na * na - na * nb + nb * nb) * r * r * r)
+          + 6.0 * r * r * delta * delta * (na * na * m2b + nb * nb * m2a)
+          + 4.0 * r * delta * (na * m3b - nb * m3a))
+    return mean, m2, m3, m4
+
+
+@triton.jit
+def _centre(s1, s2, s3, s4, shift, n):
+    """(mean, M2, M3, M4) of n values from their power sums s_k = sum (x - shift)^k, in float64."""
+    u = s1 * (1.0 / n)
+    mean = shift.to(tl.float64) + u
+    m2 = s2 - n * u * u
+    m3 = s3 - 3.0 * u * s2 + 2.0 * n * u * u * u
+    m4 = s4 - 4.0 * u * s3 + 6.0 * u * u * s2 - 3.0 * n * u * u * u * u
     return mean, m2, m3, m4
 
 
@@ -135,6 +149,33 @@ def _token(xp, up, yp, t, sxt, sut, syt, mask, ACT: tl.constexpr, STORE: tl.cons
         return a.to(tl.float32)  # the statistics are those of what the model reads
 
 
+@triton.jit
+def _chunk(xb, ub, yb, t0, sxt, sut, syt, nmask, zeros_n, T, shift, emax, emin, pos, s1, s2, s3, s4,
+           CHUNK: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr, SUMS: tl.constexpr):
+    """Tokens t0 .. t0 + CHUNK - 1 of one excerpt folded into its maximum, minimum, positives and
+    the power sums of d = x - shift (float32 over the chunk, added to the float64 sums). The
+    CHUNK loads are unrolled so that they are in flight together."""
+    a1 = tl.zeros(emax.shape, dtype=tl.float32)
+    a2 = tl.zeros(emax.shape, dtype=tl.float32)
+    a3 = tl.zeros(emax.shape, dtype=tl.float32)
+    a4 = tl.zeros(emax.shape, dtype=tl.float32)
+    for j in tl.static_range(CHUNK):
+        t = t0 + j
+        live = (zeros_n + t) < T  # a vector: Triton 3.9's interpreter refuses a scalar in a mask
+        x = _token(xb, ub, yb, t, sxt, sut, syt, nmask & live, ACT, True, OUT)
+        emax = tl.where(live, tl.maximum(emax, x), emax)
+        emin = tl.where(live, tl.minimum(emin, x), emin)
+        pos += (live & (x > 0)).to(tl.int32)  # masked loads give 0: never positive
+        if SUMS:
+            d = tl.where(live, x - shift, 0.0)
+            d2 = d * d
+            a1 += d
+            a2 += d2
+            a3 += d2 * d
+            a4 += d2 * d2
+    return emax, emin, pos, s1 + a1.to(tl.float64), s2 + a2.to(tl.float64), s3 + a3.to(tl.float64), s4 + a4.to(tl.float64)
+
+
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
 def _stream_kernel(
     x_ptr, sxb, sxt,  # activations [B, T, N] (pre-activations with ACT), neuron stride 1
@@ -150,6 +191,7 @@ def _stream_kernel(
     NEG: tl.constexpr, HIST: tl.constexpr, QUANT: tl.constexpr,
     Q: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
     ACT: tl.constexpr, SKIP: tl.constexpr,
+    LEAN: tl.constexpr, ABLATE: tl.constexpr,
 ):
     """With ACT = 0, x holds the activations. Otherwise x holds the pre-activations (the gate,
     with a gated ACT), [B, SKIP + T, N]: the kernel computes the activations, writes them all to y
@@ -199,11 +241,13 @@ def _stream_kernel(
         u_row += SKIP * sut
         y_row += SKIP * syt
     # The shift of the power sums (see below): the first excerpt's first activation, then the
-    # running mean.
+    # running mean (with LEAN: the first excerpt's mean, from then on).
     shift = _token(x_row + tl.cast(r0, tl.int64) * sxb, u_row + tl.cast(r0, tl.int64) * sub, y_row, 0,
                    sxt, sut, syt, nmask, ACT, False, y_ptr.dtype.element_ty)  # r0 < r1: no split is empty
 
     zeros_n = tl.zeros([BLOCK_N], dtype=tl.int32)
+    lean_plane = tl.cast(n_splits, tl.int64) * N
+    lean_base = pid_s.to(tl.int64) * N + n64
     for b in range(r0, r1):
         b64 = tl.cast(b, tl.int64)
         xb = x_row + b64 * sxb
@@ -224,54 +268,53 @@ def _stream_kernel(
         s3 = tl.zeros([BLOCK_N], dtype=tl.float64)
         s4 = tl.zeros([BLOCK_N], dtype=tl.float64)
         for t0 in range(0, T, CHUNK):
-            a1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            a2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            a3 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            a4 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for j in tl.static_range(CHUNK):
-                t = t0 + j
-                live = (zeros_n + t) < T  # a vector: Triton 3.9's interpreter refuses a scalar in a mask
-                x = _token(xb, ub, yb, t, sxt, sut, syt, nmask & live, ACT, True, y_ptr.dtype.element_ty)
-                emax = tl.where(live, tl.maximum(emax, x), emax)
-                emin = tl.where(live, tl.minimum(emin, x), emin)
-                pos += (live & (x > 0)).to(tl.int32)  # masked loads give 0: never positive
-                d = tl.where(live, x - shift, 0.0)
-                d2 = d * d
-                a1 += d
-                a2 += d2
-                a3 += d2 * d
-                a4 += d2 * d2
-            s1 += a1.to(tl.float64)
-            s2 += a2.to(tl.float64)
-            s3 += a3.to(tl.float64)
-            s4 += a4.to(tl.float64)
+            emax, emin, pos, s1, s2, s3, s4 = _chunk(
+                xb, ub, yb, t0, sxt, sut, syt, nmask, zeros_n, T, shift, emax, emin, pos, s1, s2, s3, s4,
+                CHUNK, ACT, y_ptr.dtype.element_ty, (ABLATE & 16) == 0)
         vmax = tl.maximum(vmax, emax)
         vmin = tl.minimum(vmin, emin)
         # A NaN or an infinity in the excerpt makes its sum non-finite (as the reference's s1).
         bad = bad | ((s1 != s1) | (tl.abs(s1) == float("inf"))).to(tl.int32)
-        u = s1 / Tf
-        mb = shift.to(tl.float64) + u
-        m2b = s2 - Tf * u * u
-        m3b = s3 - 3.0 * u * s2 + 2.0 * Tf * u * u * u
-        m4b = s4 - 4.0 * u * s3 + 6.0 * u * u * s2 - 3.0 * Tf * u * u * u * u
-        mean, M2, M3, M4 = _pebay(tl.cast(b - r0, tl.float64) * Tf, mean, M2, M3, M4, Tf, mb, m2b, m3b, m4b)
-        shift = tl.where(mean == mean, mean.to(tl.float32), 0.0)  # masked-out neurons: 0
+        if (ABLATE & 1) != 0:  # diagnostic: the sums stay live, no centring, no merge
+            mean += s1
+            M2 += s2
+            M3 += s3
+            M4 += s4
+        elif LEAN:
+            # The first excerpt's moments wait in the partials; the others' power sums around
+            # its mean add up in float64 (in mean..M4) and are centred once, after the loop.
+            if b == r0:
+                mb, m2b, m3b, m4b = _centre(s1, s2, s3, s4, shift, Tf)
+                tl.store(pmom_ptr + lean_base, mb, mask=nmask)
+                tl.store(pmom_ptr + lean_plane + lean_base, m2b, mask=nmask)
+                tl.store(pmom_ptr + 2 * lean_plane + lean_base, m3b, mask=nmask)
+                tl.store(pmom_ptr + 3 * lean_plane + lean_base, m4b, mask=nmask)
+                shift = tl.where(mb == mb, mb.to(tl.float32), 0.0)  # masked-out neurons: 0
+            else:
+                mean += s1
+                M2 += s2
+                M3 += s3
+                M4 += s4
+        else:
+            mb, m2b, m3b, m4b = _centre(s1, s2, s3, s4, shift, Tf)
+            mean, M2, M3, M4 = _pebay(tl.cast(b - r0, tl.float64) * Tf, mean, M2, M3, M4, Tf, mb, m2b, m3b, m4b)
+            shift = tl.where(mean == mean, mean.to(tl.float32), 0.0)  # masked-out neurons: 0
 
         if b < prefix_rows:
             tl.store(prefix_ptr + n64 * P + (first_id + b), emax, mask=nmask)
         post = (tl.zeros([BLOCK_N], dtype=tl.int64) + b) >= prefix_rows
 
         # Candidates: strictly better than the current K-th (ties lose to older excerpts).
-        is_c = emax > kth
+        is_c = (emax > kth) & ((ABLATE & 8) == 0)
         slot = tl.atomic_add(cnt_ptr + offs_n, 1, mask=is_c, sem="relaxed")
         tl.store(ctop_val_ptr + slot.to(tl.int64) * N + n64, emax, mask=is_c)
         tl.store(ctop_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
         if NEG:
-            is_c = emin < nkth
+            is_c = (emin < nkth) & ((ABLATE & 8) == 0)
             slot = tl.atomic_add(cnt_ptr + N + offs_n, 1, mask=is_c, sem="relaxed")
             tl.store(cneg_val_ptr + slot.to(tl.int64) * N + n64, emin, mask=is_c)
             tl.store(cneg_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
-        if HIST:
+        if HIST and (ABLATE & 2) == 0:
             # IEEE division (not the approximate one) so that bins equal torch's bit for bit.
             f = tl.floor(tl.math.div_rn(emax - lo, hi - lo) * H)
             f = tl.minimum(tl.maximum(f, 0.0), H - 1.0)
@@ -280,7 +323,7 @@ def _stream_kernel(
             h = tl.where(emax < lo, 0, h)
             h = tl.where(emax > hi, H + 1, h)
             tl.atomic_add(hist_ptr + n64 * (H + 2) + h, 1, mask=nmask & post, sem="relaxed")
-        if QUANT:
+        if QUANT and (ABLATE & 4) == 0:
             # The bucket's boundaries and its current S-th priority are re-read per excerpt (from
             # the cache: a block's are a few KB) rather than held in registers, [BLOCK_N, Q] each.
             bucket = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -296,6 +339,14 @@ def _stream_kernel(
 
     plane = tl.cast(n_splits, tl.int64) * N
     base = pid_s.to(tl.int64) * N + n64
+    if LEAN and (ABLATE & 1) == 0:
+        nr = tl.cast(r1 - r0 - 1, tl.float64) * Tf
+        mb, m2b, m3b, m4b = _centre(mean, M2, M3, M4, shift, tl.maximum(nr, 1.0))
+        mean, M2, M3, M4 = _pebay(
+            Tf, tl.load(pmom_ptr + base, mask=nmask, other=0.0), tl.load(pmom_ptr + plane + base, mask=nmask, other=0.0),
+            tl.load(pmom_ptr + 2 * plane + base, mask=nmask, other=0.0),
+            tl.load(pmom_ptr + 3 * plane + base, mask=nmask, other=0.0),
+            nr, mb, m2b, m3b, m4b)
     tl.store(pmom_ptr + base, mean, mask=nmask)
     tl.store(pmom_ptr + plane + base, M2, mask=nmask)
     tl.store(pmom_ptr + 2 * plane + base, M3, mask=nmask)
@@ -588,15 +639,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_TUNING_RANGE = {"lean": (0, 1)}
+"""Keys of `TUNING` whose values are not simply positive integers: (lowest, highest)."""
+
+
 def _tuning_from_env() -> dict:
     tuning = {"block_n": 512, "programs_per_sm": 4, "num_warps": 4, "chunk": 8, "finish_block_n": 16,
-              "finish_warps": 4}
+              "finish_warps": 4, "lean": 0}
     text = os.environ.get("NEURONATLAS_TRITON_TUNING", "")
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")
-        if key not in tuning or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"NEURONATLAS_TRITON_TUNING: expected key=positive integer with key one of "
-                             f"{', '.join(tuning)}, got '{item}'")
+        lo, hi = _TUNING_RANGE.get(key, (1, None))
+        if key not in tuning or not value.isdigit() or int(value) < lo or (hi is not None and int(value) > hi):
+            raise ValueError(f"NEURONATLAS_TRITON_TUNING: expected key=positive integer (lean: 0 or 1) with "
+                             f"key one of {', '.join(tuning)}, got '{item}'")
         tuning[key] = int(value)
     return tuning
 
@@ -607,7 +663,19 @@ TUNING = _tuning_from_env()
 together); the finish kernel's BLOCK_N and warps. The defaults scored best, plain and fused update
 together, of the seven shapes `benchmarks/kernel_sweep.py` timed on an H200 (2026-11-26, see
 benchmarks/RESULTS.md). Overridable as NEURONATLAS_TRITON_TUNING="block_n=256,chunk=16"; block
-sizes, warps and chunk are powers of two."""
+sizes, warps and chunk are powers of two.
+
+`lean=1` (off by default: no GPU has timed it yet) merges moments once per row split instead of
+once per excerpt: the power sums of every excerpt after the first are taken around the first
+one's mean and added in float64, four additions per excerpt instead of a float64 Pebay merge.
+Compiled for sm_90 at BLOCK_N 512 it takes 228 registers, against 199 for the default loop under
+Triton 3.6 and 246 under Triton 3.9 (cuobjdump). Same state; the parity tests run it too."""
+
+_ABLATE = 0
+"""Diagnostics for `benchmarks/kernel_sweep.py` only: a bitmask of stream-kernel stages to leave
+out (1: centring and merging the moments, 2: histogram, 4: quantile buckets, 8: top-K and
+bottom-K candidates, 16: the per-token power sums). The state comes out wrong; time differences
+say what each stage costs. Never set while recording."""
 
 
 def default_config(n: int, rows: int, device: torch.device) -> tuple[int, int, int]:
@@ -675,6 +743,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
         K=K, BLOCK_N=bn, CHUNK=min(TUNING["chunk"], T_PAD) if acts.is_cuda else min(8, T_PAD),
         NEG=neg, HIST=hist_on, QUANT=quant,
         Q=Q, S=S, H=H, ACT=act, SKIP=skip,
+        LEAN=bool(TUNING["lean"]), ABLATE=_ABLATE,
         num_warps=TUNING["num_warps"] if acts.is_cuda else 4,
     )
     _finish_kernel[(triton.cdiv(N, fbn),)](
