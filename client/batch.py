@@ -47,7 +47,7 @@ def read_requests(path: str, default_model: str | None = None) -> list[InputLine
     Raises OSError if the file cannot be read."""
     out: list[InputLine] = []
     seen: dict[Any, int] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not part of line 1
         for n, text in enumerate(f, 1):
             if not text.strip():
                 continue
@@ -78,6 +78,8 @@ def _parse_line(n: int, text: str, default_model: str | None) -> InputLine:
         body = dict(obj["body"])
         url = obj.get("url")
         kind = (_URL_KINDS.get(url) if isinstance(url, str) else None) if url else guess_kind(body)
+        if kind is None and not url:
+            return bad('no "url" and no "messages" (chat) or "prompt" (completion) in the body', rid)
         if kind is None:
             return bad(f"url {json.dumps(url)} is not /v1/chat/completions or /v1/completions", rid)
     else:

@@ -2,9 +2,10 @@
 
 Retried: 408, 409, 429, 5xx, and 2xx bodies that are not JSON or are cut short (proxies and
 overloaded servers produce them). Failed at once, with the server's own message: other 4xx
-(400 including context-length errors, 401, 402, 403, 404, 422, ...), a JSON reply that is not an
-OpenAI reply, and a reply without the logprobs the request asked for (the same server will drop
-them again).
+(400 including context-length errors, 401, 402, 403, 404, 422, ...), a 429 that says the account's
+quota is spent (insufficient_quota: waiting does not help), a JSON reply that is not an OpenAI
+reply, and a reply without the logprobs the request asked for (the same server will drop them
+again).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from client.request import RequestError, logprobs_requested
 from client.transport import HttpReply, server_message
 
 RETRYABLE_STATUS = {408, 409, 429}
+_QUOTA = re.compile(r"insufficient_quota|exceeded your current quota|quota exceeded|billing", re.I)
 _CONTEXT = re.compile(r"context.length|maximum context|context window|too many tokens|prompt is too long", re.I)
 
 
@@ -38,6 +40,9 @@ def classify(kind: str, body: dict, reply: HttpReply) -> Verdict:
     if 200 <= status < 300:
         return _success(kind, body, reply)
     message = server_message(reply.body)
+    if status == 429 and _is_quota(reply.body):
+        # OpenAI's "You exceeded your current quota": no wait makes it pass, unlike a rate limit.
+        return Verdict(error=RequestError("quota", message, status))
     if status in RETRYABLE_STATUS or status >= 500:
         return Verdict(error=RequestError("http", message, status, retryable=True),
                        retry_after=parse_retry_after(reply.headers))
@@ -46,6 +51,17 @@ def classify(kind: str, body: dict, reply: HttpReply) -> Verdict:
     if status in (400, 413, 422) and (_CONTEXT.search(message) or b"context_length_exceeded" in reply.body):
         return Verdict(error=RequestError("context_length", message, status))
     return Verdict(error=RequestError("http", message, status))
+
+
+def _is_quota(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        return False
+    return any(isinstance(err.get(k), str) and _QUOTA.search(err[k]) for k in ("code", "type"))
 
 
 def _success(kind: str, body: dict, reply: HttpReply) -> Verdict:
@@ -60,10 +76,18 @@ def _success(kind: str, body: dict, reply: HttpReply) -> Verdict:
         if isinstance(data, dict) and "error" in data:
             # Some gateways wrap an upstream failure in a 200; treat it like the 5xx it stands for.
             return Verdict(error=RequestError("http", server_message(reply.body), reply.status, retryable=True))
-        keys = ", ".join(list(data)[:6]) if isinstance(data, dict) else type(data).__name__
+        if isinstance(data, dict) and isinstance(data.get("choices"), list):
+            what = "an empty 'choices' list"
+        else:
+            keys = ", ".join(list(data)[:6]) if isinstance(data, dict) else type(data).__name__
+            what = f"no 'choices' (it has: {keys})"
         return Verdict(error=RequestError(
-            "not_openai", f"the reply has no 'choices' (it has: {keys}); the server does not speak the "
-            "OpenAI API at this base URL", reply.status))
+            "not_openai", f"the reply has {what}; the server does not speak the OpenAI API at this base URL",
+            reply.status))
+    if not all(isinstance(c, dict) for c in data["choices"]):
+        return Verdict(error=RequestError(
+            "not_openai", "the reply's 'choices' are not objects; the server does not speak the OpenAI API at "
+            "this base URL", reply.status))
     missing = _missing_logprobs(kind, body, data)
     if missing:
         return Verdict(error=RequestError("missing_logprobs", missing, reply.status))

@@ -36,8 +36,10 @@ class ClientConfig:
     """Longest backoff between attempts."""
     headroom: float = 0.99
     """Pace at this fraction of the rate limits, so that clock jitter does not cross them."""
-    burst_s: float = 0.05
-    """At most this many seconds of budget go back to back (never a minute's worth)."""
+    burst_s: float = 0.01
+    """At most this many seconds of budget go back to back (never a minute's worth). With the
+    default headroom, rate x 0.99 + rate x 0.01 stays within the limit over any one-second window,
+    the shortest that providers enforce a per-minute limit over."""
     learn_from_headers: bool = True
     """Lower the limits from x-ratelimit-* headers (and probe with one request while unknown)."""
     unreachable_s: float = 60.0

@@ -40,9 +40,11 @@ def parse_duration(text: str | None) -> float | None:
         return None
     text = text.strip()
     try:
-        return max(0.0, float(text))
+        value = float(text)
     except ValueError:
         pass
+    else:
+        return max(0.0, value) if math.isfinite(value) else None
     total, pos = 0.0, 0
     for m in re.finditer(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text):
         if m.start() != pos:
@@ -53,20 +55,26 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def parse_retry_after(headers: Mapping[str, str], now_wall: float | None = None) -> float | None:
-    """Seconds to wait from retry-after-ms, else Retry-After (seconds or an HTTP date); None if absent."""
+    """Seconds to wait from retry-after-ms, else Retry-After (seconds or an HTTP date); None if absent
+    or not a finite time."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000.0)
+            seconds = float(ms) / 1000.0
         except ValueError:
             pass
+        else:
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -82,9 +90,10 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
     if value is None:
         return None
     try:
-        return int(float(value))
+        number = float(value)
     except ValueError:
         return None
+    return int(number) if math.isfinite(number) else None
 
 
 @dataclass
@@ -135,10 +144,12 @@ class TokenBucket:
         self._refill(now)
         self.level = min(self.level, units)
 
-    def drain(self, now: float) -> None:
-        """After a pause, start from empty so that dispatch resumes paced, not in a burst."""
+    def drain(self, now: float, until: float) -> None:
+        """For a pause until `until`: nothing accrues before then, so that dispatch resumes paced
+        from an empty bucket, not in a burst."""
         self._refill(now)
         self.level = min(self.level, 0.0)
+        self.stamp = max(self.stamp, until)
 
     def set_per_minute(self, per_minute: float, burst_s: float, now: float) -> None:
         self._refill(now)
@@ -156,7 +167,7 @@ class Limits:
     """
 
     def __init__(self, *, rpm: float | None = None, tpm: float | None = None, max_in_flight: int = 512,
-                 headroom: float = 0.99, burst_s: float = 0.05, learn_from_headers: bool = True,
+                 headroom: float = 0.99, burst_s: float = 0.01, learn_from_headers: bool = True,
                  backoff_base_s: float = 0.5, backoff_cap_s: float = 30.0,
                  clock=time.monotonic):
         self.clock = clock
@@ -261,8 +272,8 @@ class Limits:
         if now + seconds > self.pause_until:
             self.pause_until = now + seconds
             self.pause_reason = reason
-            self.requests.drain(now)
-            self.tokens.drain(now)
+            self.requests.drain(now, self.pause_until)
+            self.tokens.drain(now, self.pause_until)
             self._changed.set()
 
     def on_success(self, sent_at: float) -> None:

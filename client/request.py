@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +126,7 @@ class RequestError:
 
     type: str
     """http, timeout, connection, bad_body, not_openai, missing_logprobs, context_length, auth,
-    deadline, interrupted, store."""
+    quota, deadline, interrupted, store, internal."""
     message: str
     """The server's own message where there is one, else ours; one line."""
     status: int | None = None
@@ -144,6 +145,18 @@ class RequestError:
         return f"{self.type} {self.status}: {self.message}" if self.status else f"{self.type}: {self.message}"
 
 
+def _count(value) -> int:
+    """A token count from a reply's usage: a non-negative finite number, else 0. A server's odd usage
+    field must never cost the reply (it is paid for; it is stored whatever usage says)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return 0
+    try:
+        number = float(value)
+    except ValueError:
+        return 0
+    return int(number) if math.isfinite(number) and number > 0 else 0
+
+
 @dataclass
 class Usage:
     """Tokens one reply consumed, as the server reported them."""
@@ -160,11 +173,11 @@ class Usage:
         usage = reply.get("usage") if isinstance(reply, dict) else None
         if not isinstance(usage, dict):
             return cls()
-        details = usage.get("prompt_tokens_details") or {}
+        details = usage.get("prompt_tokens_details")
         return cls(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
+            cached_tokens=_count(details.get("cached_tokens")) if isinstance(details, dict) else 0,
         )
 
 

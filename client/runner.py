@@ -402,10 +402,11 @@ class Client:
         except asyncio.CancelledError:
             self._interrupt(job, "cancelled in flight by the stop (it may have been paid; a rerun sends it again)")
             raise
-        except Exception as exc:  # a bug must not leave a caller waiting forever
-            self._finish(job, _Outcome(None, Usage(), None, RequestError("internal", f"{type(exc).__name__}: {exc}"),
-                                       job.attempts))
-            raise
+        except Exception as exc:  # a bug must not leave a caller waiting forever, nor print a traceback
+            what = " ".join(f"{type(exc).__name__}: {exc}".split())
+            self._abort(f"internal error ({what}); finished requests are kept: run the same command again to "
+                        "resume, and please report this")
+            self._finish(job, _Outcome(None, Usage(), None, RequestError("internal", what), job.attempts))
 
     async def _attempt_once(self, job: _Job) -> None:
         job.attempts += 1
@@ -431,8 +432,15 @@ class Client:
         verdict = classify(job.kind, job.body, reply)
         if verdict.response is not None:
             await self._succeed(job, reply.body, verdict.response)
+            self._check_pause()
             return
         error = verdict.error
+        if error.type == "quota":
+            self.limits.on_other()
+            self._abort(f"the server refused the request with {reply.status} ({error.message}): the account's "
+                        "quota is spent; add credit or raise the limit, then run the same command again to resume")
+            self._interrupt(job, self.abort_reason)
+            return
         if reply.status == 429:
             self.limits.on_429(reply.headers, job.sent_at)
         elif error.retryable and (reply.status >= 500 or reply.status == 408):
@@ -445,8 +453,20 @@ class Client:
                            else "no API key was sent; set OPENAI_API_KEY or pass --api-key"))
             self._interrupt(job, self.abort_reason)
             return
+        self._check_pause()
         cause = str(reply.status) if error.type == "http" else error.type
         await self._retry_or_fail(job, error, verdict.retry_after, cause)
+
+    def _check_pause(self) -> None:
+        """A pause as long as the per-request deadline (a Retry-After of hours, a limit reset far
+        away) would leave the run waiting silently and then send nothing in time: stop instead,
+        saying when to come back. What is in flight finishes; the rest is resumed by a rerun."""
+        pause = self.limits.paused_for()
+        if pause >= self.config.deadline_s and self.abort_reason is None:
+            until = time.strftime("%H:%M:%S", time.localtime(time.time() + pause))
+            self._abort(f"the server asks for a pause of {pause:.0f} s ({self.limits.pause_reason}), longer than "
+                        f"the per-request deadline ({self.config.deadline_s:g} s, --deadline): stopped; run the "
+                        f"same command again after {until} to resume")
 
     async def _succeed(self, job: _Job, raw: bytes, response: dict) -> None:
         self.limits.on_success(job.sent_at)

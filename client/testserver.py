@@ -136,9 +136,10 @@ class ServerStats:
 class ServerError(Exception):
     """Raised by a responder to answer with an OpenAI-style error."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type, code
+        self.status, self.message, self.type, self.code, self.headers = status, message, type, code, headers
 
 
 # -- a toy tokenizer and deterministic replies ----------------------------------------------------
@@ -434,7 +435,7 @@ class TestServer:
             try:
                 reply = await self._respond(kind, body)
             except ServerError as exc:
-                return self._error(exc.status, exc.message, exc.type, exc.code)
+                return self._error(exc.status, exc.message, exc.type, exc.code, exc.headers)
             if request.transport is None or request.transport.is_closing():
                 stats.abandoned += 1
                 return web.Response(status=499)

@@ -82,7 +82,7 @@ class Transport:
             raise TransportError("connection", f"cannot connect to {self.base_url}: {exc.os_error or exc}") from None
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             # Resets, a server that closes mid-reply, a body shorter than its Content-Length.
-            raise TransportError("connection", f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+            raise TransportError("connection", " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(": ")) from None
 
     async def check(self, timeout_s: float = 10.0) -> list[str]:
         """GET {base_url}/models: fail fast, with a fix, when the server cannot be used. Returns the
@@ -118,7 +118,7 @@ class Transport:
             snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
             raise SetupError(f"{self.base_url} does not speak the OpenAI API (GET /models answered {status} "
                              f"{ctype or 'without a content type'}: {snippet!r}); check --base-url")
-        return [m.get("id") for m in data["data"] if isinstance(m, dict)]
+        return [m["id"] for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def server_message(body: bytes, limit: int = 300) -> str:

@@ -286,6 +286,52 @@ async def test_a_refused_key_stops_the_run_without_dead_letters(make_server, sto
         assert list(client.store.dead_letters()) == []
 
 
+async def test_a_spent_quota_stops_the_run_at_once(make_server, store_path):
+    # OpenAI answers 429 insufficient_quota when the account has no credit: no wait makes it pass.
+    def responder(kind, body):
+        raise ServerError(429, "You exceeded your current quota, please check your plan and billing details.",
+                          type="insufficient_quota", code="insufficient_quota")
+
+    server = make_server(responder=responder)
+    with pytest.raises(RunAborted, match="quota is spent"):
+        await run(fast_config(server, store_path), chat_requests(20))
+    assert server.snapshot()["received"] == 1  # the probe; nothing after it
+    async with Client(fast_config(server, store_path)) as client:
+        assert list(client.store.dead_letters()) == []  # a rerun sends them all
+
+
+async def test_a_pause_beyond_the_deadline_stops_the_run(make_server, store_path):
+    def responder(kind, body):
+        raise ServerError(429, "slow down", type="rate_limit_error", headers={"Retry-After": "3600"})
+
+    server = make_server(responder=responder)
+    with pytest.raises(RunAborted, match="pause of 3600 s .*--deadline"):
+        await asyncio.wait_for(run(fast_config(server, store_path, deadline_s=30), chat_requests(5)), 20)
+    async with Client(fast_config(server, store_path)) as client:
+        assert list(client.store.dead_letters()) == []
+
+
+async def test_odd_usage_and_infinite_headers_never_cost_a_reply(make_server, store_path):
+    tries: dict = {}
+
+    def responder(kind, body):
+        key = body["messages"][0]["content"]
+        tries[key] = tries.get(key, 0) + 1
+        if tries[key] == 1:  # first a 429 whose Retry-After is no time at all
+            raise ServerError(429, "slow down", type="rate_limit_error", headers={"Retry-After": "inf"})
+        reply = default_responder(kind, body)
+        reply["usage"] = {"prompt_tokens": "n/a", "completion_tokens": {"x": 1}}
+        return reply
+
+    server = make_server(responder=responder)
+    requests = chat_requests(6)
+    client, results = await run(fast_config(server, store_path), requests)
+    assert all(r.ok for r in results) and served_once(server, requests)
+    assert stored_keys(store_path) == {r.key for r in requests}
+    _, again = await run(fast_config(server, store_path), requests)
+    assert all(r.source == "store" for r in again) and served_once(server, requests)
+
+
 async def test_a_server_that_goes_away_stops_the_run(make_server):
     server = make_server()
     config = fast_config(server, unreachable_s=0.3, backoff_base_s=0.05, max_attempts=1000)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.classify import classify
-from client.limits import Limits, TokenBucket, parse_duration, parse_retry_after
+from client.limits import Limits, TokenBucket, _int_header, parse_duration, parse_retry_after
 from client.prices import Price, PriceTable
 from client.request import Request, Usage, request_key
 from client.testserver import chat_reply, completion_reply, default_responder
@@ -108,6 +108,51 @@ def test_bucket_paces_evenly_after_the_burst():
     assert times[-1] == pytest.approx(1.0, abs=1e-6)         # 100 more at 100/s
     gaps = [b - a for a, b in zip(times[5:], times[6:])]
     assert max(gaps) == pytest.approx(0.01) and min(gaps) == pytest.approx(0.01)
+
+
+def test_default_pacing_stays_within_the_limit_over_any_second():
+    """Providers enforce per-minute limits over windows as short as a second: with the default
+    headroom and burst no one-second window holds more than rpm / 60 requests, whenever the
+    dispatcher wakes."""
+    for rpm in (600, 3000, 60_000):
+        limits = Limits(rpm=rpm, tpm=None, learn_from_headers=False)
+        bucket, now, sent = limits.requests, 0.0, []
+        for k in range(rpm // 20):  # 3 s of sends, waking late now and then
+            now += bucket.wait_time(1, now) + (0.004 if k % 7 == 0 else 0.0)
+            bucket.take(1, now)
+            sent.append(now)
+        j = 0
+        for i, t in enumerate(sent):
+            while sent[j] <= t - 1.0:
+                j += 1
+            assert i - j + 1 <= rpm / 60, (rpm, t)
+
+
+def test_a_pause_resumes_from_an_empty_bucket():
+    clock = [0.0]
+    limits = Limits(rpm=6000, tpm=None, learn_from_headers=False, clock=lambda: clock[0])
+    limits.pause(5.0, "test")
+    clock[0] = 5.0  # the pause is over: nothing accrued during it, so the next request waits its turn
+    assert limits.delay(1) == pytest.approx(60 / (6000 * 0.99))
+
+
+def test_non_finite_header_values_are_ignored():
+    assert parse_retry_after({"retry-after": "inf"}) is None
+    assert parse_retry_after({"retry-after-ms": "nan", "retry-after": "2"}) == 2.0
+    assert parse_duration("inf") is None and parse_duration("1e400") is None
+    assert _int_header({"x": "1e400"}, "x") is None and _int_header({"x": "-inf"}, "x") is None
+    limits = Limits(rpm=None, tpm=None)
+    limits.on_headers({"x-ratelimit-limit-requests": "inf", "x-ratelimit-remaining-requests": "nan",
+                       "x-ratelimit-reset-requests": "inf"})
+    assert limits.rpm is None and limits.paused_for() == 0
+
+
+def test_usage_that_is_not_a_count_reads_as_zero():
+    odd = {"usage": {"prompt_tokens": "n/a", "completion_tokens": {"x": 1},
+                     "prompt_tokens_details": {"cached_tokens": "7"}}}
+    assert Usage.from_reply(odd) == Usage(0, 0, 7)
+    assert Usage.from_reply({"usage": {"prompt_tokens": 12.0, "completion_tokens": True}}) == Usage(12, 0, 0)
+    assert Usage.from_reply({"usage": {"prompt_tokens": float("inf"), "completion_tokens": -3}}) == Usage(0, 0, 0)
 
 
 def test_limits_learn_from_headers_lower_only_and_cap_by_remaining():
