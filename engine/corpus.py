@@ -55,8 +55,13 @@ def stdlib_docstrings() -> Iterator[str]:
 
 
 def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                "convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -65,13 +70,24 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict) or field not in obj:
                 raise UserError(f"{path}:{lineno}: no text field '{field}' (set --text-field)")
-            yield str(obj[field])
+            text = obj[field]
+            if text is None:  # a missing value, as Parquet's nulls: no document
+                continue
+            if isinstance(text, (dict, list)):
+                raise UserError(f"{path}:{lineno}: field '{field}' holds a JSON {type(text).__name__}, not text")
+            yield text if isinstance(text, str) else str(text)  # numbers as Parquet's are: their text
 
 
 def _parquet_docs(path: Path, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("a .parquet corpus needs the pyarrow package: pip install pyarrow") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a file it cannot read
+        first = str(exc).strip().splitlines()
+        raise UserError(f"{path}: not a readable Parquet file ({first[0] if first else type(exc).__name__})") from None
     if field not in pf.schema_arrow.names:
         raise UserError(f"{path}: no column '{field}' (columns: {', '.join(pf.schema_arrow.names)}; set --text-field)")
     for batch in pf.iter_batches(columns=[field], batch_size=4096):
@@ -115,7 +131,7 @@ def documents(source: str, text_field: str = "text") -> tuple[Iterator[str], dic
         raise UserError(f"corpus '{source}' does not exist (give a .txt/.jsonl/.parquet file, a directory, 'stdlib' or hf:NAME)")
     desc = {"kind": "file", "path": str(path.resolve())}
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
+        files = sorted(f for f in path.glob("*.txt") if f.is_file())
         if not files:
             raise UserError(f"corpus directory '{source}' holds no .txt files")
         return (f.read_text(encoding="utf-8", errors="replace") for f in files), {**desc, "format": "txt-dir", "files": len(files)}

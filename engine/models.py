@@ -169,11 +169,19 @@ def load_tokenizer(name: str, revision: str | None = None):
     _check_exists(path)
     kw = {"gguf_file": gguf} if gguf else {}
     try:
-        return AutoTokenizer.from_pretrained(path, revision=revision, **kw)
-    except (OSError, ValueError) as exc:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, **kw)
+    except Exception as exc:  # OSError, ValueError, and whatever a damaged tokenizer file raises
         if Path(path).exists():
             raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(exc)}") from None
         raise UserError(f"unknown model '{name}': no such local path, and from the hub: {_first_line(exc)}") from None
+    try:
+        empty = len(tokenizer) == 0 or not tokenizer("The cat sat on the mat.", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot even encode is as good as none
+        empty = True
+    if empty:
+        raise UserError(f"cannot load the tokenizer of '{name}': it has no vocabulary (are the tokenizer files, "
+                        "tokenizer.json or vocab files, in the model directory?)")
+    return tokenizer
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
@@ -186,12 +194,12 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: st
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, **kw)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, a JSON error in a damaged config, ...
         raise UserError(f"cannot load model '{name}': {_first_line(exc)}") from None
     arch = architecture_for(getattr(config, "model_type", "unknown"))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **kw)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # damaged weights (safetensors errors), shapes that do not match the config, ...
         raise UserError(f"cannot load model '{name}': {_first_line(exc)}") from None
     model.to(device=device, dtype=dtype).eval()
     if tokenizer is None:
@@ -211,8 +219,36 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: st
         "n_neurons": n_neurons,
         "d_model": int(getattr(config, "hidden_size", getattr(config, "n_embd", 0)) or 0),
         "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "context": context_length(config),
+        "vocab_embedded": int(model.get_input_embeddings().num_embeddings),
+        "weights": weights_fingerprint(model),
     }
     return LoadedModel(model, tokenizer, arch, modules, n_neurons, identity)
+
+
+def context_length(config) -> int | None:
+    """The most positions the model takes (None when its config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights as loaded: every parameter's name, shape and first and last 64
+    values. Cheap (a few hundred small reads), and it tells two models at the same local path
+    apart, which the path and the config cannot."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for pname, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            flat = p.detach().reshape(-1)
+            sample = torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy()
+            h.update(f"{pname}{tuple(p.shape)}".encode())
+            h.update(sample.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -116,6 +116,8 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}': use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device '{name}' is not supported: use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for but no CUDA GPU is available; use --device cpu")
     return dev
@@ -215,7 +217,7 @@ def _is_main_thread() -> bool:
 def _identity(cfg: RecordConfig, lm: LoadedModel, corpus: Corpus, spec: ref.ReductionSpec,
               dtype: torch.dtype, bos: bool) -> dict:
     model = {k: lm.identity[k] for k in ("name", "gguf_file", "revision", "model_type",
-                                          "architecture", "n_layers", "n_neurons")}
+                                          "architecture", "n_layers", "n_neurons", "weights")}
     identity = {"model": model, "dtype": str(dtype).removeprefix("torch."), "bos": bos,
                 "corpus": corpus.description, "spec": dataclasses.asdict(spec)}
     return json.loads(json.dumps(identity))  # as the store will give it back (lists, not tuples)
@@ -224,6 +226,8 @@ def _identity(cfg: RecordConfig, lm: LoadedModel, corpus: Corpus, spec: ref.Redu
 def _check_identity(path: Path, identity: dict) -> dict:
     s = st.open_store(path)
     old = s.run.get("identity", {})
+    if isinstance(old.get("model"), dict) and "weights" not in old["model"]:
+        identity = dict(identity, model={k: v for k, v in identity["model"].items() if k != "weights"})  # older stores
     for key in ("model", "dtype", "bos", "corpus", "spec"):
         if old.get(key) != identity[key]:
             if isinstance(old.get(key), dict) and isinstance(identity[key], dict):
@@ -501,6 +505,10 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         raise UserError("--top-k must be at least 1, sample sizes at least 0")
     if cfg.max_excerpts is not None and cfg.max_excerpts < 1:
         raise UserError("--max-excerpts must be at least 1")
+    if cfg.hist_bins < 1:
+        raise UserError("--hist-bins must be at least 1")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError("--seed must be an integer from 0 to 2^63 - 1")
     exists = _prepare_out(out)
     device = resolve_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
@@ -513,6 +521,16 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.excerpt_len, cfg.max_excerpts, cfg.text_field)
     bos = use_bos(cfg.bos, tokenizer)
     lm = load_model(cfg.model, device, dtype, cfg.revision, tokenizer=tokenizer)
+    # Checked before the store exists, so that the corrected command is not refused as another run.
+    context = lm.identity["context"]
+    if context is not None and cfg.excerpt_len + int(bos) > context:
+        raise UserError(f"--excerpt-len {cfg.excerpt_len}{' plus the BOS token' if bos else ''} is longer than the "
+                        f"model's context of {context} positions; use at most {context - int(bos)}")
+    top_id = max(int(corpus.tokens.max()) if corpus.tokens.size else 0,
+                 tokenizer.bos_token_id if bos and tokenizer.bos_token_id is not None else 0)
+    if top_id >= lm.identity["vocab_embedded"]:
+        raise UserError(f"the tokenizer of '{cfg.model}' gives token id {top_id} but the model embeds only "
+                        f"{lm.identity['vocab_embedded']:,} tokens: tokenizer and model do not belong together")
     negatives = lm.arch.gated if cfg.negatives is None else cfg.negatives
     spec = ref.ReductionSpec(
         excerpt_len=cfg.excerpt_len, top_k=cfg.top_k, negatives=negatives, random_k=cfg.random_k,

@@ -10,6 +10,7 @@ atomic rename), so a reader always sees one whole checkpoint, never half of one.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import shutil
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -183,6 +184,15 @@ def write_checkpoint(path: Path, generation: int, layers: "Iterable[tuple[dict, 
 def read_checkpoint(path: Path, checkpoint: str, negatives: bool) -> tuple[list[tuple[dict, int, bool]], np.ndarray]:
     """A committed checkpoint back in memory: per layer (arrays, token count, bounds_ready), and
     the random sample's excerpt ids."""
+    try:
+        return _read_checkpoint(path, checkpoint, negatives)
+    except UserError:
+        raise
+    except _DAMAGE as exc:
+        raise _damaged(path, exc) from None
+
+
+def _read_checkpoint(path: Path, checkpoint: str, negatives: bool) -> tuple[list[tuple[dict, int, bool]], np.ndarray]:
     ck = _open_root(path, "r")[checkpoint]
     names = [name for name, *_ in _layer_arrays({k: None for k in _ALL}, negatives)]
     layers = []
@@ -362,6 +372,34 @@ class _OpenLayer:
         return self._arrays[name]
 
 
+_DAMAGE = (KeyError, ValueError, TypeError, RuntimeError, OSError, IndexError, AttributeError)
+"""What reading a store whose files were damaged or removed raises (zarr, numcodecs, json)."""
+
+
+def _damaged(path, exc: BaseException) -> UserError:
+    what = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    return UserError(f"store '{path}' is damaged or incomplete ({what}); restore it from a copy or record it again")
+
+
+def _guarded(method):
+    """Turn a damaged store's low-level errors into one UserError naming the store."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except UserError:
+            raise
+        except _DAMAGE as exc:
+            raise _damaged(self.path, exc) from None
+    return wrapper
+
+
+def _index(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UserError(f"{what} must be an integer, not {value!r}")
+    return int(value)
+
+
 class Store:
     """A recorded run, opened read-only. Use `open_store(path)`."""
 
@@ -369,12 +407,20 @@ class Store:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise UserError(f"'{path}' is not a neuronatlas store (no zarr.json); record one with neuronatlas record")
-        self._root = _open_root(self.path, "r")
-        attrs = dict(self._root.attrs)
+        try:
+            self._root = _open_root(self.path, "r")
+            attrs = dict(self._root.attrs)
+        except _DAMAGE as exc:
+            raise _damaged(path, exc) from None
         if attrs.get("format") != FORMAT:
             raise UserError(f"'{path}' is a Zarr group but not a neuronatlas store")
-        if attrs.get("format_version", 0) > FORMAT_VERSION:
-            raise UserError(f"'{path}' has store format {attrs['format_version']}; this neuronatlas reads up to {FORMAT_VERSION}: upgrade it")
+        version = attrs.get("format_version", 0)
+        if not isinstance(version, int):
+            raise _damaged(path, ValueError(f"its format version is {version!r}"))
+        if version > FORMAT_VERSION:
+            raise UserError(f"'{path}' has store format {version}; this neuronatlas reads up to {FORMAT_VERSION}: upgrade it")
+        if not isinstance(attrs.get("run"), dict) or not isinstance(attrs.get("progress"), dict):
+            raise _damaged(path, ValueError("its attributes lack the run or the progress"))
         self.attrs = attrs
         self.run: dict = attrs["run"]
         self.progress: dict = attrs["progress"]
@@ -382,19 +428,23 @@ class Store:
 
     # -- run level --------------------------------------------------------------------------
     @property
+    @_guarded
     def n_layers(self) -> int:
         return int(self.run["model"]["n_layers"])
 
     @property
+    @_guarded
     def n_neurons(self) -> list[int]:
         """Neurons per layer."""
         return [int(n) for n in self.run["model"]["n_neurons"]]
 
     @property
+    @_guarded
     def excerpts_done(self) -> int:
         return int(self.progress["excerpts_done"])
 
     @property
+    @_guarded
     def complete(self) -> bool:
         return bool(self.progress["complete"])
 
@@ -403,15 +453,18 @@ class Store:
         return self.run["spec"]
 
     @cached_property
+    @_guarded
     def token_ids(self) -> TokenIds:
         return TokenIds(self._root["tokens"], self.excerpts_done)
 
     @cached_property
+    @_guarded
     def vocab(self) -> list[str]:
         data = np.asarray(self._root["vocab/bytes"][...]).tobytes()
         off = np.asarray(self._root["vocab/offsets"][...])
         return [data[off[i] : off[i + 1]].decode("utf-8", errors="replace") for i in range(len(off) - 1)]
 
+    @_guarded
     def tokens(self, excerpt_id: int) -> list[str]:
         vocab = self.vocab
         return [vocab[t] if 0 <= t < len(vocab) else "<unk>" for t in self.token_ids[int(excerpt_id)]]
@@ -422,7 +475,9 @@ class Store:
             raise UserError(f"store '{self.path}' holds no checkpoint yet: the recording has not reached its first one")
         return self._root[ck]
 
+    @_guarded
     def _layer(self, layer: int):
+        layer = _index(layer, "layer")
         if not 0 <= layer < self.n_layers:
             raise UserError(f"layer {layer} out of range: the store has layers 0..{self.n_layers - 1}")
         if layer not in self._layers:
@@ -430,6 +485,7 @@ class Store:
         return self._layers[layer]
 
     @cached_property
+    @_guarded
     def random_ids(self) -> np.ndarray:
         return np.asarray(self._checkpoint()["random_ids"][...])
 
@@ -440,8 +496,10 @@ class Store:
             for i, a in zip(ids, acts) if i >= 0
         ]
 
+    @_guarded
     def neuron(self, layer: int, index: int) -> NeuronRecord:
         """The record of neuron `index` of `layer`."""
+        layer, index = _index(layer, "layer"), _index(index, "neuron")
         g = self._layer(layer)
         n = self.n_neurons[layer]
         if not 0 <= index < n:
@@ -473,6 +531,7 @@ class Store:
             explanations=self.explanations(layer, index),
         )
 
+    @_guarded
     def layer_summary(self, layer: int) -> dict[str, np.ndarray]:
         """Per-neuron scalars of a layer (max, min, mean, variance, frac_positive, ...)."""
         g = self._layer(layer)

@@ -303,7 +303,10 @@ def _merge_extreme(vals, ids, acts, batch_vals, batch_ids, acts_nbt, descending:
 
 def _bin_index(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, H: int) -> torch.Tensor:
     """Histogram bin of x [N, B] for ranges lo, hi [N, 1]: see the module docstring."""
-    t = torch.floor((x - lo) / (hi - lo) * H).clamp(0, H - 1).to(torch.int64) + 1
+    f = torch.floor((x - lo) / (hi - lo) * H)
+    # NaN (a non-finite batch, which the recorder stops on) takes bin 1 as in the Triton kernel,
+    # never the wild index that casting NaN to an integer gives.
+    t = torch.nan_to_num(f, nan=0.0).clamp(0, H - 1).to(torch.int64) + 1
     t = torch.where(x < lo, torch.zeros_like(t), t)
     return torch.where(x > hi, torch.full_like(t, H + 1), t)
 

@@ -189,3 +189,87 @@ def test_model_variant_that_breaks_the_hook_point(fault, capsys, tmp_path, corpu
         assert "reached 1 of 2 hooked 'mlp.act' modules" in lines[0] and "not supported" in lines[0]
     else:
         assert "layer 1: the hooked module 'mlp.act' gave a tensor of shape (8, 12, 72)" in lines[0]
+
+
+def test_options_checked_before_the_store_exists(capsys, tmp_path, tiny_models, corpus_file):
+    """Each is refused before anything is written, so the corrected command is not 'another run'."""
+    out = tmp_path / "s"
+    common = ("--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", out)
+    expect_error(capsys, "--hist-bins must be at least 1", *common, "--hist-bins", 0)
+    expect_error(capsys, "--seed must be an integer from 0", *common, "--seed", -1)
+    expect_error(capsys, "--seed must be an integer from 0", *common, "--seed", 2**64)
+    expect_error(capsys, "is not supported", *common, "--device", "meta")
+    # The tiny GPT-2 has 128 learned positions: 200 tokens (or 128 and a BOS) cannot be fed to it.
+    line = run(capsys, *common, "--excerpt-len", 200)[1][0]
+    assert "longer than the model's context of 128 positions" in line
+    assert not out.exists()
+    rc, _ = run(capsys, *common, "--max-excerpts", 20)
+    assert rc == 0
+
+
+def test_unusable_corpora_and_tokenizers(capsys, tmp_path, tiny_models):
+    common = ("--model", tiny_models["gpt2"], "--out", tmp_path / "s")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9 au lait"}\n'.encode("latin-1"))
+    expect_error(capsys, "latin1.jsonl:1: not UTF-8 text", *common, "--corpus", tmp_path / "latin1.jsonl")
+    (tmp_path / "fake.parquet").write_text("not parquet at all")
+    expect_error(capsys, "not a readable Parquet file", *common, "--corpus", tmp_path / "fake.parquet")
+    (tmp_path / "nested.jsonl").write_text('{"text": {"a": 1}}\n')
+    expect_error(capsys, "holds a JSON dict, not text", *common, "--corpus", tmp_path / "nested.jsonl")
+    # Null texts are missing documents (as Parquet's nulls), never the word "None".
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n' * 3)
+    expect_error(capsys, "is empty", *common, "--corpus", tmp_path / "nulls.jsonl")
+    # A model directory without tokenizer files: this transformers builds an empty tokenizer.
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_models["gpt2"], bare)
+    for f in bare.iterdir():
+        if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            f.unlink()
+    (tmp_path / "c.txt").write_text("the cat sat on the mat " * 50)
+    expect_error(capsys, "cannot load the tokenizer", "--model", bare, "--corpus", tmp_path / "c.txt",
+                 "--out", tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_damaged_stores_are_reported_in_one_line(capsys, tmp_path, tiny_models, corpus_file):
+    import shutil
+
+    out = tmp_path / "s"
+    assert run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", out,
+               "--max-excerpts", 20)[0] == 0
+    from engine import UserError, open_store
+
+    with pytest.raises(UserError, match="layer must be an integer"):
+        open_store(out).neuron(0.0, 1)
+    for damage in ("layer", "tokens", "attrs"):
+        bad = tmp_path / f"bad-{damage}"
+        shutil.copytree(out, bad)
+        if damage == "layer":
+            shutil.rmtree(next(bad.glob("checkpoints/*/layers/001")))
+        elif damage == "tokens":
+            shutil.rmtree(bad / "tokens")
+        else:
+            (bad / "zarr.json").write_text("{not json")
+        assert main(["show", str(bad), "1", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is damaged or incomplete" in err[0], err
+
+
+def test_a_different_model_at_the_same_path_is_another_run(capsys, tmp_path, tiny_models, corpus_file):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_models["gpt2"], model_dir)
+    out = tmp_path / "s"
+    args = ("--model", model_dir, "--corpus", corpus_file, "--out", out, "--max-excerpts", 40)
+    assert run(capsys, *args)[0] == 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3)
+    model.save_pretrained(model_dir)  # new weights, same path, config and shapes
+    expect_error(capsys, "model.weights", *args)

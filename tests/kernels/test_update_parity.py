@@ -181,6 +181,25 @@ def test_nonfinite_is_flagged(bad, device):
     assert bool(tu.update_layer(state, spec, acts, batch, block_n=8))
 
 
+@pytest.mark.parametrize("where", ["prefix", "after"])
+def test_reference_flags_nan_without_a_wild_histogram_index(where):
+    # A NaN maximum, in the prefix (it reaches the boundaries and the prefix histogram) or after it,
+    # must come back as the flag the recorder stops on, not as an out-of-range scatter index.
+    spec = ref.ReductionSpec(excerpt_len=4, top_k=2, negatives=True, random_k=2, quantile_k=1,
+                             quantile_prefix=6, hist_bins=3)
+    state = ref.LayerState.empty(spec, 5, torch.float32, "cpu")
+    sample = ref.RandomSample.empty(spec, "cpu")
+    flags = []
+    for first in (0, 4, 8):
+        acts = torch.randn(4, 4, 5)
+        if (where == "prefix" and first == 0) or (where == "after" and first == 8):
+            acts[1, :, 2] = float("nan")
+        batch, sample = ref.plan_batch(spec, sample, first, 4, "cpu")
+        flags.append(bool(ref.update_layer(state, spec, acts, batch)))
+    assert flags == ([True, False, False] if where == "prefix" else [False, False, True])
+    assert int(state.hist.min()) >= 0 and state.hist.shape[1] == 5
+
+
 def test_out_of_order_batches_are_refused():
     spec = ref.ReductionSpec(excerpt_len=4, top_k=2, random_k=1, quantile_k=1, quantile_prefix=3)
     state = ref.LayerState.empty(spec, 6, torch.float32, "cpu")
