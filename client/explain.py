@@ -79,8 +79,18 @@ _REFUSAL = re.compile(
     r"i am (unable|not able)|i won'?t|i will not|as an ai|unfortunately|i do(n'?t| not) (know|have enough|see)|"
     r"it is not possible|it'?s not possible|there is no (clear|obvious|discernible))", re.IGNORECASE)
 _PREFIX = re.compile(
-    r"^(explanation|answer|phrase|the neuron responds to|this neuron responds to|the neuron fires on|it responds to|"
-    r"responds to|it fires on)\s*[:\-]?\s*", re.IGNORECASE)
+    r"^(?P<em>[*_]{0,2})(explanation|answer|phrase|the neuron responds to|this neuron responds to|"
+    r"the neuron fires on|it responds to|responds to|it fires on)(?P=em)?\s*[:\-]?\s*(?P=em)?\s*", re.IGNORECASE)
+"""A leading label, bare or in markdown emphasis: "Explanation:", "**Answer:**", "*Explanation*:"."""
+_EMPHASIS = re.compile(r"^(\*\*|\*|__|_)(?=\S)(.+?)(?<=\S)\1$")
+
+
+def _plain(text: str) -> str:
+    """Drop markdown emphasis around the whole phrase (**x**, *x*, __x__, _x_), not inside it:
+    "__init__ methods" stays as it is."""
+    text = text.strip()
+    m = _EMPHASIS.match(text)
+    return m.group(2).strip() if m else text
 
 
 def _unwrap(text: str) -> str:
@@ -108,7 +118,7 @@ def parse_explanation(reply: dict) -> str:
     line = next(ln for ln in content.splitlines() if ln.strip()).strip()
     if _REFUSAL.match(line):
         raise BadExplanation(f"the explainer refused: {line[:120]!r}")
-    text = _unwrap(_PREFIX.sub("", _unwrap(line.strip(" *_")).strip(" *_")))
+    text = _unwrap(_plain(_PREFIX.sub("", _unwrap(_plain(line)))))
     text = " ".join(text.rstrip(".").split())
     if not text:
         raise BadExplanation(f"the explainer's reply holds no explanation: {content.strip()[:120]!r}")

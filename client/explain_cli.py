@@ -198,11 +198,13 @@ def top_command(args) -> int:
     if not groups:
         raise UserError(f"no explanations in {args.store}" + (" for those models" if args.explainer_model or
                         args.simulator_model else "") + ": run `neuronatlas explain`, `simulate` and `score` first")
-    rows, undefined, unscored = [], 0, 0
+    rows, undefined, unscored, failed = [], 0, 0, 0
     for g in groups:
         for rec in g.records(layers):
             value = rec.get(field)
-            if rec.get("status") not in ("scored", "never_fires"):
+            if rec.get("status") == "failed":
+                failed += 1
+            elif rec.get("status") not in ("scored", "never_fires"):
                 unscored += 1
             elif isinstance(value, (int, float)) and math.isfinite(value):
                 rows.append((value, rec))
@@ -227,6 +229,9 @@ def top_command(args) -> int:
         notes.append(f"{undefined:,} scored neurons have an undefined {args.by} and are not ranked")
     if unscored:
         notes.append(f"{unscored:,} neurons are not scored yet")
+    if failed:
+        notes.append(f"{failed:,} neurons failed (`neuronatlas show` gives each error; rerun the step with "
+                     "--retry-failed to try them again)")
     if notes:
         print("; ".join(notes) + ".")
     return 0

@@ -527,6 +527,10 @@ def import_openai(src: Path, out: Path, dtype: str = "auto", quantile_probs: lis
 
         st.write_checkpoint(build, 1, layers(), np.full(spec["random_k"], -1, dtype=np.int64), n_ex, True,
                             n_layers, False)
+        # An explanation of a neuron that has no record here (a subset of the records imported)
+        # has nothing to attach to: left out, and counted in the summary.
+        orphans = [f for layer, index, f in expl_files if index not in files.get(layer, {})]
+        expl_files = [(layer, index, f) for layer, index, f in expl_files if index in files.get(layer, {})]
         if expl_files:
             data.write_imported_explanations(root, expl_files)
         n_expl = len(expl_files)
@@ -541,8 +545,9 @@ def import_openai(src: Path, out: Path, dtype: str = "auto", quantile_probs: lis
             ex.file.close()
         shutil.rmtree(work, ignore_errors=True)
     secs = time.perf_counter() - t0
+    skipped = f"; {len(orphans):,} explanation files of neurons without a record left out" if orphans else ""
     return (f"Imported {n_files:,} neurons in {sum(1 for n in n_neurons if n)} layers ({n_expl:,} with "
-            f"explanations) from {collated}: {n_ex:,} distinct excerpts of up to {T} tokens, a vocabulary of "
+            f"explanations{skipped}) from {collated}: {n_ex:,} distinct excerpts of up to {T} tokens, a vocabulary of "
             f"{len(vocab):,} token strings{', shorter excerpts padded' if padded else ''}; store {out} in "
             f"{secs:.1f} s. It holds no model weights: use it with explain and score, not record.")
 
@@ -555,11 +560,18 @@ def _explanation_files(expl_dir: Path) -> list[tuple[int, int, Path]]:
             continue
         for index, f in sorted(_numbered(d, ".jsonl").items()):
             try:
-                data.parse_openai_explanations(f.read_text(encoding="utf-8"))
+                text = f.read_text(encoding="utf-8")
+                data.parse_openai_explanations(text)
+                ids = [json.loads(line).get("neuron_id") for line in text.splitlines() if line.strip()]
             except (ValueError, AttributeError, TypeError):
                 raise UserError(f"{f}: not a NeuronSimulationResults JSON line; expected OpenAI's explanations "
                                 "layout (see docs/ATLAS.md)") from None
-            out.append((int(d.name), index, f))
+            layer = int(d.name)
+            for nid in ids:
+                if isinstance(nid, dict) and (nid.get("layer_index", layer), nid.get("neuron_index", index)) != (layer, index):
+                    raise UserError(f"{f}: has neuron_id layer {nid.get('layer_index')} neuron "
+                                    f"{nid.get('neuron_index')}, but its path says layer {layer} neuron {index}")
+            out.append((layer, index, f))
     return out
 
 

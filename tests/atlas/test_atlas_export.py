@@ -245,3 +245,30 @@ def test_store_explanations_are_shown_and_exported(imported_store, tmp_path, mon
     assert [(e["explanation"], e["scored_simulation"]["ev_correlation_score"]) for e in line["scored_explanations"]] == [
         ("the word cat", 0.35), ("cats <again>", 0.9)]
     assert line["dataclass_name"] == "NeuronSimulationResults"
+
+
+def test_import_checks_explanation_files_against_records(published_dir, tmp_path, capsys):
+    """An explanation file whose neuron_id disagrees with its path is refused; one for a neuron
+    without a record is left out and said so, never counted as imported."""
+    import shutil
+
+    expl = sorted((published_dir / "explanations").glob("*/*.jsonl"))
+    layer, index = int(expl[0].parent.name), int(expl[0].stem)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(published_dir, swapped)
+    line = json.loads(expl[0].read_text().splitlines()[0])
+    line["neuron_id"] = {"dataclass_name": "NeuronId", "layer_index": layer, "neuron_index": index + 1000}
+    (swapped / "explanations" / str(layer) / f"{index}.jsonl").write_text(json.dumps(line) + "\n")
+    assert main(["import", str(swapped), "--out", str(tmp_path / "s1"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"neuron {index + 1000}, but its path says layer {layer} neuron {index}" in err and err.count("\n") == 1
+    assert not (tmp_path / "s1").exists()
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(published_dir, orphan)
+    (orphan / "collated-activations" / str(layer) / f"{index}.json").unlink()
+    assert main(["import", str(orphan), "--out", str(tmp_path / "s2"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "1 explanation files of neurons without a record left out" in out
+    n_with = len(expl) - 1
+    assert f"({n_with:,} with explanations;" in out

@@ -86,6 +86,11 @@ def _reply(content, refusal=None):
     ("Explanation: closing brackets in code.\nBecause...", "closing brackets in code"),
     ("  The neuron responds to: the word 'not'  ", "the word 'not'"),
     ("**numbers**", "numbers"),
+    ("**Explanation:** the token cat.", "the token cat"),
+    ("*Explanation*: numbers", "numbers"),
+    ("Answer: **numbers in lists**", "numbers in lists"),
+    ("__init__ methods of classes", "__init__ methods of classes"),
+    ("_private_ names", "_private_ names"),
 ])
 def test_explanations_are_cleaned(content, expected):
     assert parse_explanation(_reply(content)) == expected
