@@ -104,6 +104,18 @@ def read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def recording_fingerprint(store_path: str | Path) -> str | None:
+    """A short hash of the recording's identity (model and weights, corpus and its tokens, settings),
+    kept in each results group: results copied into a store of another recording are refused
+    instead of scored against activations they were never made from. None if unreadable."""
+    meta = read_json(Path(store_path) / "zarr.json")
+    run = ((meta or {}).get("attributes") or {}).get("run")
+    if not isinstance(run, dict) or "identity" not in run:
+        return None
+    text = json.dumps(run["identity"], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def _ensure_zarr_group(path: Path, attributes: dict, durable: bool) -> None:
     meta = path / "zarr.json"
     current = read_json(meta)
@@ -132,8 +144,21 @@ class ResultsGroup:
                 meta = read_json(d / "zarr.json") if d.is_dir() else None
                 attrs = (meta or {}).get("attributes") or {}
                 if attrs.get("format") == GROUP_FORMAT:
-                    out.append(cls(store_path, d.name, attrs))
+                    group = cls(store_path, d.name, attrs)
+                    group.check_recording()
+                    out.append(group)
         return out
+
+    def check_recording(self) -> None:
+        """Refuse results made from another recording (a results directory copied between stores)."""
+        made_from = self.attrs.get("recording")
+        if made_from is None:  # written before groups carried it
+            return
+        now_ = recording_fingerprint(self.store_path)
+        if now_ is not None and now_ != made_from:
+            raise UserError(f"{self.path} holds results made from another recording (fingerprint {made_from}, "
+                            f"this store's is {now_}): they cannot be scored against this store's activations; "
+                            "move them back to their store or delete them")
 
     @classmethod
     def for_models(cls, store_path: str | Path, explainer: str, simulator: str, prompt_version: str) -> "ResultsGroup":
@@ -171,6 +196,9 @@ class ResultsGroup:
                                durable)
             if not self.exists:
                 self.attrs.setdefault("created", now())
+                self.attrs.setdefault("recording", recording_fingerprint(self.store_path))
+            else:
+                self.check_recording()
             _ensure_zarr_group(self.path, self.attrs, durable)
         except OSError as exc:
             raise UserError(f"cannot write results into {self.store_path}: {exc.strerror}") from None

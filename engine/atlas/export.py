@@ -248,6 +248,8 @@ def parse_record(path: Path, layer: int, index: int) -> dict:
             raise _Bad("is not a JSON object")
         if obj.get("dataclass_name", "NeuronRecord") != "NeuronRecord":
             raise _Bad(f"is a {obj.get('dataclass_name')!r}, not a NeuronRecord")
+        if not isinstance(obj.get("most_positive_activation_records"), list):
+            raise _Bad("has no most_positive_activation_records list")
         nid = obj.get("neuron_id")
         if isinstance(nid, dict) and (nid.get("layer_index", layer), nid.get("neuron_index", index)) != (layer, index):
             raise _Bad(f"has neuron_id layer {nid.get('layer_index')} neuron {nid.get('neuron_index')}, but its "

@@ -161,3 +161,22 @@ def test_results_files_are_whole_json(store, fake_server, cli):
     files = list((store / "explanations").rglob("*.json"))
     assert files and all(isinstance(json.loads(p.read_text()), dict) for p in files)
     assert not list((store / "explanations").rglob(".*.tmp"))
+
+
+def test_results_copied_from_another_recording_are_refused(store, tmp_path, fake_server, cli):
+    import shutil
+
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server), "--no-fsync")[0] == 0
+    other = tmp_path / "other"
+    shutil.copytree(store, other)
+    root = zarr.open_group(str(other), mode="r+", zarr_format=3)
+    run = dict(root.attrs["run"])
+    run["identity"] = {**run["identity"], "corpus": {**run["identity"]["corpus"], "tokens_sha256": "0" * 64}}
+    root.attrs["run"] = run  # as if recorded from another corpus
+    for command in (["top", other], ["score", other]):
+        _one_error_line(*cli(*command)[::2], "results made from another recording")
+    with fake_server() as (server, fake):
+        _one_error_line(*cli("simulate", other, "--explainer-model", "m", "--simulator-model", "m", *SELECT,
+                             *_flags(server))[::2], "results made from another recording")
+    assert cli("top", store)[0] == 0  # in their own store they still read
