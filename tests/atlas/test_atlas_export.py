@@ -164,6 +164,8 @@ def bad_layouts(tmp: Path):
     one("length mismatch", json.dumps(short), "has 3 tokens but 2 activations")
     one("not a record", json.dumps({**rec, "dataclass_name": "Explanation"}), "not a NeuronRecord")
     one("bad number", json.dumps({**rec, "mean": "high"}), "'mean' is not a number")
+    one("no top records", json.dumps({k: v for k, v in rec.items() if k != "most_positive_activation_records"}),
+        "has no most_positive_activation_records")
     return cases
 
 
