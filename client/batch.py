@@ -8,7 +8,8 @@ A request file is JSONL, one request a line, in either form:
 A body with "messages" goes to /chat/completions, one with "prompt" to /completions; a line without an
 id is named by its line number. A line that cannot be used is reported with its number and the rest
 still run. The result file has one line per input line, in input order, written whole (atomically)
-at the end of every run from the store, so a rerun rewrites it complete:
+from the store at the end of every run that finishes (a stopped run leaves it as it was), so a rerun
+rewrites it complete:
 
     {"id": "a1", "response": {...the reply...}}
     {"id": "a2", "error": {"type": "http", "status": 400, "message": "..."}}
