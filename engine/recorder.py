@@ -223,11 +223,24 @@ def _identity(cfg: RecordConfig, lm: LoadedModel, corpus: Corpus, spec: ref.Redu
     return json.loads(json.dumps(identity))  # as the store will give it back (lists, not tuples)
 
 
+def _same_local_path(a, b) -> bool:
+    if not isinstance(a, str) or not isinstance(b, str) or a == b:
+        return False
+    try:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    except OSError:
+        return False
+
+
 def _check_identity(path: Path, identity: dict) -> dict:
     s = st.open_store(path)
     old = s.run.get("identity", {})
     if isinstance(old.get("model"), dict) and "weights" not in old["model"]:
         identity = dict(identity, model={k: v for k, v in identity["model"].items() if k != "weights"})  # older stores
+    if isinstance(old.get("model"), dict) and _same_local_path(old["model"].get("name"), identity["model"]["name"]):
+        # models/x, ./models/x/ and /abs/models/x are one model (the weights' fingerprint checks the content)
+        identity = dict(identity, model=dict(identity["model"], name=old["model"]["name"]))
     for key in ("model", "dtype", "bos", "corpus", "spec"):
         if old.get(key) != identity[key]:
             if isinstance(old.get(key), dict) and isinstance(identity[key], dict):

@@ -273,3 +273,15 @@ def test_a_different_model_at_the_same_path_is_another_run(capsys, tmp_path, tin
             p.mul_(-3)
     model.save_pretrained(model_dir)  # new weights, same path, config and shapes
     expect_error(capsys, "model.weights", *args)
+
+
+def test_the_same_model_by_another_spelling_of_its_path_resumes(capsys, tmp_path, tiny_models, corpus_file,
+                                                                 monkeypatch):
+    out = tmp_path / "s"
+    monkeypatch.chdir(tiny_models["gpt2"].parent)
+    name = tiny_models["gpt2"].name
+    common = ("--corpus", corpus_file, "--out", out, "--top-k", 3)
+    assert run(capsys, "--model", name, *common, "--max-excerpts", 40)[0] == 0
+    # The same directory as ./NAME/ and as an absolute path: the same run (complete, nothing to do).
+    assert run(capsys, "--model", f"./{name}/", *common, "--max-excerpts", 40)[0] == 0
+    assert run(capsys, "--model", tiny_models["gpt2"].resolve(), *common, "--max-excerpts", 40)[0] == 0
