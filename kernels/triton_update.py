@@ -246,8 +246,9 @@ def _stream_kernel(
                    sxt, sut, syt, nmask, ACT, False, y_ptr.dtype.element_ty)  # r0 < r1: no split is empty
 
     zeros_n = tl.zeros([BLOCK_N], dtype=tl.int32)
-    lean_plane = tl.cast(n_splits, tl.int64) * N
-    lean_base = pid_s.to(tl.int64) * N + n64
+    # This split's slot in the partials: plane k of [k, splits, N] starts at k * plane.
+    plane = tl.cast(n_splits, tl.int64) * N
+    base = pid_s.to(tl.int64) * N + n64
     for b in range(r0, r1):
         b64 = tl.cast(b, tl.int64)
         xb = x_row + b64 * sxb
@@ -255,9 +256,7 @@ def _stream_kernel(
         yb = y_row + b64 * syb
         if ACT != 0:
             for t0 in range(SKIP):  # the model sees these (a BOS); the statistics skip them
-                _token(x_ptr + n64 + b64 * sxb + t0 * sxt, u_ptr + n64 + b64 * sub + t0 * sut,
-                       y_ptr + n64 + b64 * syb + t0 * syt, 0, sxt, sut, syt, nmask, ACT, True,
-                       y_ptr.dtype.element_ty)
+                _token(xb, ub, yb, t0 - SKIP, sxt, sut, syt, nmask, ACT, True, y_ptr.dtype.element_ty)
         # Moments of this excerpt from the power sums of d = x - shift: float32 within a chunk of
         # tokens, float64 across chunks, then centred on the excerpt's mean in float64 and merged
         # into the running float64 set (Pebay 2008, eq. 3.1-3.3).
@@ -285,10 +284,10 @@ def _stream_kernel(
             # its mean add up in float64 (in mean..M4) and are centred once, after the loop.
             if b == r0:
                 mb, m2b, m3b, m4b = _centre(s1, s2, s3, s4, shift, Tf)
-                tl.store(pmom_ptr + lean_base, mb, mask=nmask)
-                tl.store(pmom_ptr + lean_plane + lean_base, m2b, mask=nmask)
-                tl.store(pmom_ptr + 2 * lean_plane + lean_base, m3b, mask=nmask)
-                tl.store(pmom_ptr + 3 * lean_plane + lean_base, m4b, mask=nmask)
+                tl.store(pmom_ptr + base, mb, mask=nmask)
+                tl.store(pmom_ptr + plane + base, m2b, mask=nmask)
+                tl.store(pmom_ptr + 2 * plane + base, m3b, mask=nmask)
+                tl.store(pmom_ptr + 3 * plane + base, m4b, mask=nmask)
                 shift = tl.where(mb == mb, mb.to(tl.float32), 0.0)  # masked-out neurons: 0
             else:
                 mean += s1
@@ -337,8 +336,6 @@ def _stream_kernel(
             tl.store(cq_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
             tl.store(cq_tag_ptr + slot.to(tl.int64) * N + n64, bucket, mask=is_c)
 
-    plane = tl.cast(n_splits, tl.int64) * N
-    base = pid_s.to(tl.int64) * N + n64
     if LEAN and (ABLATE & 1) == 0:
         nr = tl.cast(r1 - r0 - 1, tl.float64) * Tf
         mb, m2b, m3b, m4b = _centre(mean, M2, M3, M4, shift, tl.maximum(nr, 1.0))
