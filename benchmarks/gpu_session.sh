@@ -57,7 +57,8 @@ bench() {  # bench NAME CAP record_throughput.py arguments...
 
 if [ "$part" = 1 ]; then
     step parity 90 env NEURONATLAS_KERNEL_DEVICE=cuda $PY -m pytest -q -n 8 -p no:cacheprovider \
-        tests/kernels/test_update_parity.py tests/kernels/test_activate_parity.py
+        tests/kernels/test_update_parity.py tests/kernels/test_activate_parity.py \
+        tests/kernels/test_record_triton.py::test_side_stream_recording_equals_default
     step sweep 150 $PY benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json"
     if [ -f "$OUT/kernel_sweep.json" ]; then
         $PY - "$OUT/kernel_sweep.json" >benchmarks/out/best_tuning <<'EOF'
@@ -80,9 +81,9 @@ EOF
         [ -s benchmarks/out/best_tuning ] && export NEURONATLAS_TRITON_TUNING=$(cat benchmarks/out/best_tuning)
         echo "tuning chosen by the sweep: ${NEURONATLAS_TRITON_TUNING:-none (default)}" | tee -a "$log"
     fi
-    BACKENDS=${BACKENDS:-triton,triton-fused,torch}
-    bench gpt2_eager 45 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 --backends $BACKENDS
-    bench gpt2xl_eager 60 --models gpt2-xl --batch-sizes 256 --modes eager --steps 5 --backends $BACKENDS
+    BACKENDS=${BACKENDS:-triton,triton-side,triton-fused,torch}  # triton-side: eager rows only
+    bench gpt2_eager 60 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 --backends $BACKENDS
+    bench gpt2xl_eager 75 --models gpt2-xl --batch-sizes 256 --modes eager --steps 5 --backends $BACKENDS
     bench gpt2_compiled 160 --models gpt2 --batch-sizes 1024 --modes compiled --steps 10 --backends $BACKENDS
     bench gpt2xl_compiled 300 --models gpt2-xl --batch-sizes 256 --modes compiled --steps 5 --backends triton,triton-fused
     [ -f "$OUT/gpt2xl_compiled.json" ] && touch benchmarks/out/gpt2xl_compiled.done

@@ -175,19 +175,21 @@ def measure_forward(lm, fwd, pool, device, cfg: BenchConfig) -> tuple[float, int
 def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: BenchConfig, fused_plan=None):
     """Tokens/s of the recorder's hot loop with `backend`, and its peak memory. With `fused_plan`
     (backend triton-fused), each layer's activation step is the kernel, as with --fuse-activation."""
-    from engine.recorder import LateFlags, attach, select_updates
+    from engine.recorder import LateFlags, SideStream, attach, select_updates
     from kernels import reference as ref
 
     B, T = pool[0].shape
     spec = _spec(cfg, lm)
     _reset_peak(device)
-    updates = select_updates("triton" if backend == FUSED else backend, device, mode == "compiled")
+    updates = select_updates("triton" if backend in (FUSED, SIDE) else backend, device, mode == "compiled")
+    side = SideStream(device) if backend == SIDE else None
     states = [ref.LayerState.empty(spec, n, dtype, device) for n in lm.n_neurons]
     current: dict = {"sample": ref.RandomSample.empty(spec, device), "first": 0}
     late_flags = LateFlags(device)
     flags: list[torch.Tensor] = []
     base = lm.model.base_model
-    detach = attach(lm, states, spec, updates, current, flags, fused_plan=fused_plan if backend == FUSED else None)
+    detach = attach(lm, states, spec, updates, current, flags, fused_plan=fused_plan if backend == FUSED else None,
+                    side=side)
     fwd = _compiled(base, cfg, device) if mode == "compiled" else base
 
     def step(i):
@@ -197,6 +199,8 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
         use_graph = mode == "compiled" and not batch.completes_prefix
         current["graph"] = use_graph
         (fwd if use_graph else base)(input_ids=pool[i % len(pool)], use_cache=False)
+        if side is not None:
+            side.join()
         if use_graph and updates.graph_counts:
             for s in states:
                 s.count += B * T
@@ -301,6 +305,10 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
 FUSED = "triton-fused"
 """The recording backend where each layer's activation step is the kernel (`--fuse-activation`)."""
+SIDE = "triton-side"
+"""The triton backend with the updates on a second stream (`--side-stream`; eager only)."""
+SEPARATE = ("torch", "triton")
+"""Backends whose update runs apart from the forward pass, so that it can be timed alone."""
 
 
 def default_backends(device: torch.device, fusable: bool) -> list[str]:
@@ -308,7 +316,7 @@ def default_backends(device: torch.device, fusable: bool) -> list[str]:
 
     if triton_status(device) is not None:
         return ["torch"]
-    return ["torch", "triton"] + ([FUSED] if fusable else [])
+    return ["torch", "triton"] + ([SIDE] if device.type == "cuda" else []) + ([FUSED] if fusable else [])
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
@@ -322,9 +330,11 @@ def run(cfg: BenchConfig, log=print) -> dict:
 
     for b in cfg.backends or []:
         try:
-            select_update("triton" if b == FUSED else b, device)
+            select_update("triton" if b in (FUSED, SIDE) else b, device)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if b == SIDE and device.type != "cuda":
+            raise UserError(f"backend {SIDE} needs a CUDA device, not '{device}'")
     for m in cfg.modes:
         if m not in ("eager", "compiled"):
             raise UserError(f"unknown mode '{m}': use eager and/or compiled")
@@ -355,6 +365,10 @@ def run(cfg: BenchConfig, log=print) -> dict:
             row = {"batch": B, "mode": mode, "forward_tok_s": tok, "forward_peak_bytes": peak}
             log(f"  batch {B} {mode}: forward {tok:,.0f} tok/s")
             for backend in backends:
+                if backend == SIDE and mode == "compiled":  # eager only (engine.recorder.SideStream)
+                    row.update({f"record_{SIDE}_tok_s": None, f"record_{SIDE}_ratio": None,
+                                f"record_{SIDE}_peak_bytes": None})
+                    continue
                 rtok, rpeak = measure_recording(lm, backend, mode, pool, device, dtype, cfg, fused_plan)
                 row[f"record_{backend}_tok_s"] = rtok
                 row[f"record_{backend}_ratio"] = rtok / tok
@@ -365,7 +379,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         copy_gbs = measure_copy(B * T * widest * el, dtype, device, cfg)
         upd = {"batch": B, "activation_bytes_per_batch": act_bytes, "copy_GBps": copy_gbs,
                "predicted_ms": 1e3 * act_bytes / (copy_gbs * 1e9)}
-        for backend in [b for b in backends if b != FUSED]:  # its update is not separable from the activation
+        for backend in [b for b in backends if b in SEPARATE]:  # the others' updates are the triton one's
             per_width = {n: measure_update(backend, n, B, dtype, device, cfg, lm) for n in sorted(set(lm.n_neurons))}
             steady = sum(per_width[n]["steady_ms"] for n in lm.n_neurons)
             upd[f"{backend}_first_ms"] = sum(per_width[n]["first_ms"] for n in lm.n_neurons)
@@ -402,7 +416,7 @@ def table(result: dict) -> str:
     lines += _fmt_rows(rows)
     lines.append("")
     head = ["batch", "act. bytes/batch", "copy GB/s", "predicted ms"]
-    backends = [b for b in backends if b != FUSED]  # no separate update to time
+    backends = [b for b in backends if b in SEPARATE]  # no separate update to time
     for b in backends:
         head += [f"{b} ms (first)", f"{b} ms", f"{b} GB/s", "of copy"]
     rows = [head]
@@ -448,8 +462,8 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str | None = None) 
     p.add_argument("--modes", type=_words, default=["eager", "compiled"], help="eager,compiled (default both)")
     p.add_argument("--backends", type=_words, default=None,
                    help="reduction backends to record with: torch, triton, triton-fused (the activation step is "
-                   "the kernel, as record --fuse-activation); default: torch, plus triton and triton-fused "
-                   "where they run")
+                   "the kernel, as record --fuse-activation), triton-side (the updates on a second CUDA stream, "
+                   "as record --side-stream; eager only); default: torch, plus the others where they run")
     p.add_argument("--excerpt-len", type=int, default=64, help="tokens per excerpt (default 64)")
     p.add_argument("--top-k", type=int, default=50, help="K of the recording (default 50)")
     p.add_argument("--quantile-prefix", type=int, default=2048,

@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--fuse-activation", action="store_true",
                    help="compute each layer's activation function in the recording kernel, so recording "
                    "adds no read of the activations (GELU and gated SiLU/GELU MLPs; needs --backend triton)")
+    p.add_argument("--side-stream", action="store_true",
+                   help="run each layer's update on a second CUDA stream, beside the rest of the forward "
+                   "pass (triton backend, eager, CUDA; not measured on a GPU yet)")
     p.add_argument("--compile", action="store_true",
                    help="run the forward pass through torch.compile (with --backend triton the reductions "
                    "join the compiled graph)")

@@ -79,6 +79,9 @@ class RecordConfig:
     compile: bool = False
     """Run the forward pass through torch.compile (with the triton backend the reductions are
     inside the compiled graph; with torch they run between its pieces)."""
+    side_stream: bool = False
+    """Run each layer's update on a second CUDA stream, beside the rest of the forward pass
+    (`SideStream`); eager triton recording on CUDA only."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -426,6 +429,51 @@ def make_hooks(lm: LoadedModel, on_layer) -> list:
     return handles
 
 
+class SideStream:
+    """The per-layer updates on a second CUDA stream, so that the kernels that reduce layer i run
+    while the main stream goes on with the rest of the forward pass (layer i's output projection,
+    layer i + 1's attention and matrix products): the issue's "hide a separate pass behind the
+    next layer's matrix products".
+
+    Ordering: each update waits for everything queued on the main stream before it (the
+    activation, the batch's sample plan, earlier checkpoints' reads of the state); `join` makes the
+    main stream wait for every update before the flags, the state or the next batch's plan are
+    touched. All updates share this one stream, so the state and the kernels' scratch (per stream,
+    `triton_update._scratch`) see them in order. The activation tensor is freed by the model while
+    its update may still be queued: `record_stream` keeps the allocator from handing its memory to
+    the main stream before the update has read it. Not under torch.compile: inductor reuses a
+    graph's buffers itself, without the allocator, so nothing could hold the activation."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def run(self, acts: torch.Tensor, fn):
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        acts.record_stream(self.stream)
+        return out
+
+    def join(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def side_stream_problem(device: torch.device, backend: str, compiled: bool, fused: bool) -> str | None:
+    """Why --side-stream cannot run with these settings (one line), or None."""
+    if device.type != "cuda":
+        return f"needs a CUDA device, not '{device}'"
+    if backend != "triton":
+        return "needs the triton backend"
+    if compiled:
+        return ("runs the updates beside an eager forward pass: under --compile inductor reuses the "
+                "activations' memory inside the graph")
+    if fused:
+        return "has nothing to overlap with --fuse-activation (the activation step is the kernel)"
+    return None
+
+
 @dataclass
 class Updates:
     """The update functions of one recording loop (`select_updates`)."""
@@ -460,14 +508,16 @@ def select_updates(backend: str, device: torch.device, compiled: bool) -> Update
 
 
 def attach(lm: LoadedModel, states: list, spec: ref.ReductionSpec, updates: Updates, current: dict,
-           flags: list, skip: int = 0, fused_plan: list | None = None):
+           flags: list, skip: int = 0, fused_plan: list | None = None, side: SideStream | None = None):
     """Connect each layer of `lm` to its state for a recording loop; returns the function that
     disconnects them. Each forward pass then appends one non-finite flag per layer to `flags`,
     running the in-graph update while `current["graph"]` is set, on `current["batch"]`.
 
     Plain: a hook per layer folds the neuron vector (its first `skip` tokens dropped) into the
     state. With `fused_plan` (`engine.fuse.plan_fusion`, triton backend): each layer's activation
-    step is replaced by the kernel that computes the activations and folds them in one read."""
+    step is replaced by the kernel that computes the activations and folds them in one read.
+    With `side`, the plain path's eager updates run on that stream; the caller joins it after
+    each forward pass."""
 
     def check(i: int, t: torch.Tensor, what: str) -> None:
         if t.dim() != 3 or t.shape[-1] != lm.n_neurons[i]:
@@ -493,8 +543,13 @@ def attach(lm: LoadedModel, states: list, spec: ref.ReductionSpec, updates: Upda
 
     def on_layer(i: int, acts: torch.Tensor) -> None:
         check(i, acts, f"the hooked module '{lm.arch.module}'")
-        fn = updates.graph if current.get("graph") else updates.eager
-        flags.append(fn(states[i], spec, acts[:, skip:, :] if skip else acts, current["batch"]))
+        view = acts[:, skip:, :] if skip else acts
+        if current.get("graph"):
+            flags.append(updates.graph(states[i], spec, view, current["batch"]))
+        elif side is not None:
+            flags.append(side.run(acts, lambda: updates.eager(states[i], spec, view, current["batch"])))
+        else:
+            flags.append(updates.eager(states[i], spec, view, current["batch"]))
 
     handles = make_hooks(lm, on_layer)
 
@@ -529,6 +584,10 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     if cfg.fuse_activation and updates.backend != "triton":
         raise UserError("--fuse-activation needs the triton backend (--backend triton, or auto on a "
                         "CUDA GPU whose kernels pass the self-check)")
+    if cfg.side_stream:
+        why = side_stream_problem(device, updates.backend, cfg.compile, cfg.fuse_activation)
+        if why:
+            raise UserError(f"--side-stream {why}")
 
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.excerpt_len, cfg.max_excerpts, cfg.text_field)
@@ -624,7 +683,9 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         else:
             log(f"activations computed and recorded in one pass: "
                 f"{', '.join(sorted({f.activation for f in fused_plan}))} in {L} layers")
-    detach = attach(lm, states, spec, updates, current, flags, skip=1 if bos else 0, fused_plan=fused_plan)
+    side = SideStream(device) if cfg.side_stream else None
+    detach = attach(lm, states, spec, updates, current, flags, skip=1 if bos else 0, fused_plan=fused_plan,
+                    side=side)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -653,6 +714,8 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                 use_graph = compiled is not None and b == cfg.batch_size and not batch.completes_prefix
                 current["graph"] = use_graph
                 (compiled if use_graph else base)(input_ids=ref.to_device(toks, device), use_cache=False)
+                if side is not None:
+                    side.join()
                 if use_graph and updates.graph_counts:
                     for s in states:
                         s.count += b * T

@@ -601,9 +601,13 @@ _SCRATCH: dict = {}
 
 
 def _scratch(device: torch.device, n: int, rows: int, splits: int) -> dict:
-    """Candidate lists and partials, kept per (device, N) and grown on demand. The counters are
-    zero between launches (the finish kernel resets them), so they are never cleared here."""
-    key = (str(device), n)
+    """Candidate lists and partials, kept per (device, stream, N) and grown on demand. The counters
+    are zero between launches (the finish kernel resets them), so they are never cleared here.
+    Per stream (`engine.recorder.SideStream`): launches on one stream run in order, so they can
+    share one set, and the allocator reuses a set freed on growth only on the stream that
+    allocated it, so no launch queued on another stream can still be reading it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, n)
     s = _SCRATCH.get(key)
     if s is None or s["rows"] < rows or s["splits"] < splits:
         rows = max(rows, s["rows"] if s else 0)

@@ -41,6 +41,21 @@ def test_bench_bad_input(tiny_models, capsys):
     assert "unknown mode 'jit'" in capsys.readouterr().err
 
 
+def test_bench_side_stream_row(tiny_models, tmp_path, capsys):
+    """triton-side (record --side-stream) is an eager row on CUDA; elsewhere one line refuses it."""
+    args = ["bench", "--model", str(tiny_models["gpt2"]), "--random-weights", "--backends", "triton,triton-side"]
+    if DEVICE != "cuda":
+        assert main(args + TINY) == 2
+        err = capsys.readouterr().err
+        assert "backend triton-side needs a CUDA device" in err and len(err.strip().splitlines()) == 1
+        return
+    out = tmp_path / "bench.json"
+    assert main(args + ["--out", str(out)] + TINY) == 0
+    assert "record triton-side tok/s" in capsys.readouterr().out
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["eager"]["record_triton-side_tok_s"] > 0 and rows["compiled"]["record_triton-side_tok_s"] is None
+
+
 def test_kernel_sweep_runs_through_the_interpreter(tmp_path):
     """benchmarks/kernel_sweep.py keeps working without a GPU: a launch shape, a TUNING variant and
     an ablation, each a row of its JSON (the ablated one times the plain update only)."""

@@ -191,3 +191,54 @@ def test_self_check_catches_moments_off_by_a_thousandth(device, monkeypatch):
     monkeypatch.setattr(triton_update, "update_layer", skewed)
     monkeypatch.setattr(kernels, "_checked", {})
     assert triton_self_check(device) == "the Triton kernels disagree with the reference on moments"
+
+
+def test_side_stream_refused_off_cuda(tiny_models, corpus_file, tmp_path, capsys):
+    """--side-stream is a CUDA feature: elsewhere it stops with one line before the store exists."""
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the flag runs (test_side_stream_recording_equals_default)")
+    args = ["record", "--model", str(tiny_models["gpt2"]), "--corpus", str(corpus_file), "--excerpt-len", "8",
+            "--device", DEVICE, "--max-excerpts", "12", "--batch-size", "6", "--no-progress",
+            "--out", str(tmp_path / "s"), "--backend", "triton", "--side-stream"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--side-stream needs a CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a second CUDA stream needs a GPU (NEURONATLAS_KERNEL_DEVICE=cuda)")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_side_stream_recording_equals_default(arch, tiny_models, corpus_file, tmp_path, monkeypatch, reference_stores):
+    """The updates on a second stream, made to lag behind the main stream (a sleep queued before
+    each), while the main stream fills fresh allocations with NaN after every MLP: if the
+    activation's memory were handed on before its update read it, the recording would differ or
+    stop on a NaN."""
+    import engine.recorder as rec
+
+    real_run = rec.SideStream.run
+
+    def lagging(self, acts, fn):
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(1_000_000)  # ~0.5 ms at 2 GHz
+        return real_run(self, acts, fn)
+
+    monkeypatch.setattr(rec.SideStream, "run", lagging)
+    real_load = rec.load_model
+
+    def scribbling_load(*a, **k):
+        lm = real_load(*a, **k)
+        parents = {id(child): mod for mod in lm.model.modules() for child in mod.children()}
+        for n, module in zip(lm.n_neurons, lm.modules):
+            # After the MLP returns its activation tensor is free: these take its memory unless
+            # the update still holds it.
+            def scribble(mod, args, out, n=n):
+                for _ in range(4):
+                    out.new_empty(out.shape[:-1] + (n,)).fill_(float("nan"))
+            parents[id(module)].register_forward_hook(scribble)
+        return lm
+
+    monkeypatch.setattr(rec, "load_model", scribbling_load)
+    got = record(config(tiny_models[arch], corpus_file, tmp_path / "side", backend="triton", side_stream=True,
+                        **ARCH_KW[arch]), log=lambda *_: None)
+    assert got.complete and got.excerpts == 38
+    assert_same_recording(reference_stores[arch], tmp_path / "side")

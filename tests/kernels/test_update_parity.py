@@ -251,7 +251,8 @@ def test_scratch_counters_are_left_clear(device):
         batch, sample = ref.plan_batch(spec, sample, first, 4, device)
         acts = torch.randn(4, 3, 11, device=device)
         tu.update_layer(state, spec, acts, batch, block_n=8)
-    assert int(tu._SCRATCH[(str(acts.device), 11)]["cnt"].abs().sum()) == 0
+    # Key (device, stream, N); 0 is the default stream's handle, and the CPU's.
+    assert int(tu._SCRATCH[(str(acts.device), 0, 11)]["cnt"].abs().sum()) == 0
     assert np.all(state.top_ids.cpu().numpy()[:, 0] >= 0)
 
 
