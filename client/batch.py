@@ -41,6 +41,8 @@ class InputLine:
     """The request, when the line is usable."""
     error: str | None = None
     """Why the line cannot be used ('line N: ...'), when it cannot."""
+    implicit: bool = False
+    """Whether the id is the line number (the line has none)."""
 
 
 def read_requests(path: str, default_model: str | None = None) -> list[InputLine]:
@@ -48,6 +50,7 @@ def read_requests(path: str, default_model: str | None = None) -> list[InputLine
     Raises OSError if the file cannot be read."""
     out: list[InputLine] = []
     seen: dict[Any, int] = {}
+    out_ids: dict[int, bool] = {}  # line -> whether its id is its line number
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not part of line 1
         for n, text in enumerate(f, 1):
             if not text.strip():
@@ -56,10 +59,18 @@ def read_requests(path: str, default_model: str | None = None) -> list[InputLine
             if item.error is None:
                 key = json.dumps(item.id, sort_keys=True)
                 if key in seen:
-                    item = InputLine(n, item.id, error=f"line {n}: id {item.id!r} is already used on line "
-                                     f"{seen[key]}; ids must be unique")
+                    first = seen[key]
+                    if item.implicit:
+                        why = (f"line {n}: the line has no id, and its number {n} is already the id of line "
+                               f"{first}; give it an id")
+                    else:
+                        why = (f"line {n}: id {item.id!r} is already used on line {first}"
+                               + (" (its line number: that line has no id)" if out_ids[first] else "")
+                               + "; ids must be unique")
+                    item = InputLine(n, item.id, error=why)
                 else:
                     seen[key] = n
+                    out_ids[n] = item.implicit
             out.append(item)
     return out
 
@@ -75,6 +86,7 @@ def _parse_line(n: int, text: str, default_model: str | None) -> InputLine:
     if not isinstance(obj, dict):
         return bad(f"a request must be a JSON object, not {type(obj).__name__}")
     if "body" in obj and isinstance(obj.get("body"), dict) and ("url" in obj or "custom_id" in obj):
+        implicit = "custom_id" not in obj and "id" not in obj
         rid = obj.get("custom_id", obj.get("id", n))
         body = dict(obj["body"])
         url = obj.get("url")
@@ -85,6 +97,7 @@ def _parse_line(n: int, text: str, default_model: str | None) -> InputLine:
             return bad(f"url {json.dumps(url)} is not /v1/chat/completions or /v1/completions", rid)
     else:
         body = dict(obj)
+        implicit = "id" not in body
         rid = body.pop("id", n)
         kind = guess_kind(body)
         if kind is None:
@@ -105,7 +118,7 @@ def _parse_line(n: int, text: str, default_model: str | None) -> InputLine:
         request = Request(body, kind, rid)
     except (ValueError, TypeError) as exc:
         return bad(str(exc), rid)
-    return InputLine(n, rid, request)
+    return InputLine(n, rid, request, implicit=implicit)
 
 
 def write_results(path: str, lines: list[InputLine], responses: dict[str, bytes], errors: dict[str, dict]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -273,7 +274,8 @@ def dead_letters_command(args) -> int:
     if not dead:
         print(f"{path}: no dead letters")
         return 0
-    groups = Counter(f"{_why(d)}: {d.message[:120]}" for d in dead)
+    # "gave up after 7 attempts in 41 s (max attempts): X" and "... 9 attempts in 44 s ...": one group.
+    groups = Counter(f"{_why(d)}: {_GAVE_UP.sub(_GAVE_UP_GROUP, d.message)[:120]}" for d in dead)
     print(f"{path}: {len(dead):,} dead letters")
     for text, n in groups.most_common():
         print(f"  {n:>6,} x {text}")
@@ -284,6 +286,10 @@ def dead_letters_command(args) -> int:
               f"{_why(d)}: {d.message[:100]}")
     print(f"retry them with `neuronatlas retry-dead --store {path}`")
     return 0
+
+
+_GAVE_UP = re.compile(r"^gave up after \d+ attempts in \d+ s \(([^)]*)\): ")
+_GAVE_UP_GROUP = r"gave up (\1): "
 
 
 def retry_dead_command(args) -> int:

@@ -22,7 +22,7 @@ import math
 import re
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 INF = math.inf
@@ -96,9 +96,18 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
     return int(number) if math.isfinite(number) else None
 
 
+WINDOW_S = 1.0
+"""The shortest window a provider is assumed to enforce a per-minute limit over."""
+
+
 @dataclass
 class TokenBucket:
-    """A budget of `rate` units a second of which at most `burst` can be saved up (rate inf: no limit)."""
+    """A budget of `rate` units a second of which at most `burst` can be saved up (rate inf: no limit).
+
+    The bucket alone keeps any one-second window within rate + burst for requests that cost little
+    of it. A request that costs a large part of a second's budget (a TPM limit and a long prompt
+    or max_tokens) would overrun a window even when paced evenly, so what was spent in the last
+    `WINDOW_S` is kept too and a request also waits until the window has room for it."""
 
     rate: float
     """Units per second (requests or tokens); inf when there is no limit."""
@@ -108,6 +117,9 @@ class TokenBucket:
     """Units available now (negative: debt from a request larger than the burst)."""
     stamp: float
     """When `level` was last brought up to date (monotonic seconds)."""
+    spent: deque = field(default_factory=deque)
+    """(time, units) of what was taken in the last WINDOW_S, also while no limit is known."""
+    spent_sum: float = 0.0
 
     @classmethod
     def per_minute(cls, per_minute: float | None, burst_s: float, now: float) -> "TokenBucket":
@@ -121,18 +133,38 @@ class TokenBucket:
                 self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
             self.stamp = now
 
+    def _trim(self, now: float) -> None:
+        while self.spent and self.spent[0][0] <= now - WINDOW_S + 1e-9:  # (rounding of t + WINDOW_S)
+            self.spent_sum -= self.spent.popleft()[1]
+        if not self.spent:
+            self.spent_sum = 0.0
+
     def wait_time(self, cost: float, now: float) -> float:
-        """Seconds until `cost` units may be spent (a cost above the burst waits for a full bucket)."""
+        """Seconds until `cost` units may be spent (a cost above the burst waits for a full bucket,
+        one above a window's budget for an empty window)."""
         if self.rate == INF:
             return 0.0
         self._refill(now)
         need = min(cost, self.burst)
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
+        wait = 0.0 if self.level >= need - 1e-9 else (need - self.level) / self.rate  # (rounding)
+        self._trim(now)
+        budget = self.rate * WINDOW_S + self.burst
+        if self.spent_sum + cost > budget:
+            left = self.spent_sum
+            for t, units in self.spent:
+                left -= units
+                if left + cost <= budget or left <= 1e-9:
+                    wait = max(wait, t + WINDOW_S - now)
+                    break
+        return wait
 
     def take(self, cost: float, now: float) -> None:
         self._refill(now)
         if self.rate != INF:
             self.level -= cost
+        self._trim(now)
+        self.spent.append((now, cost))
+        self.spent_sum += cost
 
     def give_back(self, units: float) -> None:
         """Correct an estimate: positive units return budget, negative ones charge more."""
@@ -153,9 +185,14 @@ class TokenBucket:
 
     def set_per_minute(self, per_minute: float, burst_s: float, now: float) -> None:
         self._refill(now)
+        learned = self.rate == INF
         self.rate = per_minute / 60.0
         self.burst = max(1.0, self.rate * burst_s)
         self.level = min(self.level, self.burst)
+        if learned:
+            # What went out before the limit was known (the probe) counts against it.
+            self._trim(now)
+            self.level = self.burst - self.spent_sum
 
 
 class Limits:
@@ -226,6 +263,10 @@ class Limits:
                 # of requests a second this wakes the loop far less often, still well within the
                 # burst (burst_s) and far finer than any provider's window.
                 await asyncio.sleep(max(wait, MIN_SLEEP_S))
+        self.take(tokens)
+
+    def take(self, tokens: float) -> None:
+        """Count a request of about `tokens` tokens as sent now (what `acquire` ends with)."""
         now = self.clock()
         self.requests.take(1, now)
         self.tokens.take(tokens, now)

@@ -85,7 +85,7 @@ class Progress:
     def status(self) -> str:
         s, c = self.client.stats, self.client
         rpm, tpm = self.rates()
-        parts = [f"{human(s.ok)} done", f"{human(s.failed)} failed", f"{c.in_flight} in flight",
+        parts = [f"{human(s.ok)} done", f"{human(s.failed - s.interrupted)} failed", f"{c.in_flight} in flight",
                  f"{human(rpm)} req/min", f"{human(tpm)} tok/min"]
         if self.total and rpm > 0:
             parts.append(f"ETA {duration((self.total - s.done) * 60 / rpm)}")
@@ -129,7 +129,7 @@ def summary(client, elapsed_s: float, label: str = "batch") -> str:
         sources.append(f"{human(s.shared)} identical to another, sent once")
     if sources:
         out[0] += f" ({', '.join(sources)})"
-    out[0] += f", {human(s.failed)} failed."
+    out[0] += f", {human(s.failed - s.interrupted)} failed."  # the interrupted are counted apart, below
     if s.dead_lettered:
         top = "; ".join(f"{n} x {msg}" for msg, n in s.errors.most_common(3))
         out.append(f"{human(s.dead_lettered)} dead-lettered this run ({top}).")

@@ -99,8 +99,8 @@ class _Job:
     """One distinct request being worked on; identical requests share it."""
 
     __slots__ = ("request", "key", "kind", "body", "model", "payload", "chars", "prompt_est", "completion_est",
-                 "has_budget", "future", "attempts", "counted", "first_sent", "sent_at", "was_dead", "timer",
-                 "in_flight")
+                 "has_budget", "future", "attempts", "counted", "failures", "first_sent", "sent_at", "was_dead",
+                 "timer", "in_flight")
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -111,7 +111,8 @@ class _Job:
         self.payload = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
         self.future: asyncio.Future = loop.create_future()
         self.attempts = 0          # all attempts
-        self.counted = 0           # attempts that count against max_attempts (not 429s)
+        self.counted = 0           # attempts that count against max_attempts (not 429s, not outages)
+        self.failures = 0          # retryable failures other than 429s (they set the backoff)
         self.first_sent: float | None = None
         self.sent_at = 0.0
         self.was_dead = False
@@ -154,7 +155,9 @@ class Client:
         self._chars_per_token = 4.0     # learned from usage.prompt_tokens
         self._chat_completion = 256.0   # tokens a chat reply without max_tokens takes, learned
         self._last_reply = time.monotonic()
-        self._transport_failures = 0
+        # When the first attempt sent since the last HTTP reply left (None: none since): how long
+        # the server has been silent while asked, as opposed to the client having nothing to send.
+        self._silent_since: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -173,6 +176,7 @@ class Client:
             self.store = RequestStore(self.config.store_path, durable=self.config.durable)
         await self.transport.open()
         self._last_reply = time.monotonic()
+        self._silent_since = None
         self._dispatcher = asyncio.create_task(self._dispatch(), name="client-dispatcher")
 
     async def check(self) -> list[str]:
@@ -391,6 +395,8 @@ class Client:
                 if self.stats.first_sent_wall is None:
                     self.stats.first_sent_wall = wall
             job.sent_at = now
+            if self._silent_since is None:
+                self._silent_since = now
             job.in_flight = True
             task = asyncio.create_task(self._attempt(job))
             self._tasks.add(task)
@@ -419,15 +425,20 @@ class Client:
                 self.limits.release()
         except TransportError as exc:
             self.limits.on_trouble(job.sent_at)
-            self._transport_failures += 1
-            silent = time.monotonic() - self._last_reply
-            if self._transport_failures >= 5 and silent >= self.config.unreachable_s:
-                self._abort(f"no reply from {self.transport.base_url} for {silent:.0f} s ({exc.message}); "
+            now = time.monotonic()
+            quiet_from = self._last_reply if self._silent_since is None else self._silent_since
+            if now - quiet_from >= self.config.unreachable_s:
+                self._abort(f"no reply from {self.transport.base_url} for {now - quiet_from:.0f} s ({exc.message}); "
                             "check the server, then run the same command again to resume")
-            await self._retry_or_fail(job, RequestError(exc.type, exc.message, retryable=True), None, exc.type)
+            # A server that answers nobody is down, and that is no fault of this request: such
+            # failures do not count against --max-attempts (the silence above ends the run). One
+            # that answers others but not this request counts.
+            counts = self._last_reply >= job.sent_at
+            await self._retry_or_fail(job, RequestError(exc.type, exc.message, retryable=True), None, exc.type,
+                                      counts=counts)
             return
         self._last_reply = time.monotonic()
-        self._transport_failures = 0
+        self._silent_since = None
         self.limits.on_headers(reply.headers)
         verdict = classify(job.kind, job.body, reply)
         if verdict.response is not None:
@@ -491,7 +502,8 @@ class Client:
             stats.cost += cost
         self._finish(job, _Outcome(raw, usage, cost, None, job.attempts))
 
-    async def _retry_or_fail(self, job: _Job, error: RequestError, retry_after: float | None, cause: str) -> None:
+    async def _retry_or_fail(self, job: _Job, error: RequestError, retry_after: float | None, cause: str,
+                             counts: bool = True) -> None:
         now = time.monotonic()
         if error.retryable:
             if self.stopped:
@@ -500,8 +512,9 @@ class Client:
             if cause == "429":
                 delay = 0.0  # the dispatcher is paused for the server's Retry-After already
             else:
-                job.counted += 1
-                ceiling = min(self.config.backoff_cap_s, self.config.backoff_base_s * 2 ** (job.counted - 1))
+                job.failures += 1
+                job.counted += counts
+                ceiling = min(self.config.backoff_cap_s, self.config.backoff_base_s * 2 ** (job.failures - 1))
                 delay = self._rng.uniform(0, ceiling)  # full jitter: retries of a burst spread out
                 if retry_after:
                     delay = max(delay, retry_after)

@@ -103,8 +103,16 @@ class DeadLetter:
     """Unix time of the last failure."""
 
 
-def _connect(path: str, durable: bool) -> sqlite3.Connection:
+def _connect(path: str, durable: bool, check: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    if check:
+        # Before anything is written (the journal mode included): a database that holds tables
+        # but no `meta` belongs to another program and is left as it is.
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            conn.close()
+            raise StoreError(f"{path} is an SQLite database of another program (tables: "
+                             f"{', '.join(sorted(tables)[:5])}), not a request store: pass another --store")
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: each commit is fsynced (survives power loss); NORMAL survives crashes of this process.
     conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -121,7 +129,7 @@ class RequestStore:
         parent = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(parent, exist_ok=True)
-            self._read = _connect(path, durable)
+            self._read = _connect(path, durable, check=True)
             self._read.executescript(_SCHEMA)
             row = self._read.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             if row is None:

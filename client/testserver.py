@@ -142,6 +142,16 @@ class ServerError(Exception):
         self.status, self.message, self.type, self.code, self.headers = status, message, type, code, headers
 
 
+class ServerFault(Exception):
+    """Raised by a responder to answer this request with one of FAULT_KINDS (a reset, a hang, ...)."""
+
+    def __init__(self, kind: str):
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        super().__init__(kind)
+        self.kind = kind
+
+
 # -- a toy tokenizer and deterministic replies ----------------------------------------------------
 
 _TOKEN = re.compile(r"\s?\w+|\s?[^\w\s]+|\s+")
@@ -436,6 +446,9 @@ class TestServer:
                 reply = await self._respond(kind, body)
             except ServerError as exc:
                 return self._error(exc.status, exc.message, exc.type, exc.code, exc.headers)
+            except ServerFault as exc:
+                stats.faults[exc.kind] += 1
+                return await self._fault(request, exc.kind, kind, body)
             if request.transport is None or request.transport.is_closing():
                 stats.abandoned += 1
                 return web.Response(status=499)
@@ -541,7 +554,7 @@ class TestServer:
     async def _respond_quietly(self, kind: str, body: dict) -> dict:
         try:
             return await self._respond(kind, body)
-        except ServerError:
+        except (ServerError, ServerFault):
             return {"choices": [{"index": 0, "text": ""}]}
 
 

@@ -8,6 +8,7 @@ fix are raised as `UserError` and printed as one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -39,11 +40,21 @@ def run_command(args) -> int:
     except KeyboardInterrupt:
         print(f"neuronatlas {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`neuronatlas dead-letters ... | head`): stop quietly, as a program
+        # killed by SIGPIPE would, and keep Python's exit-time flush from printing a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return int(rc or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # while the commands' modules load
+        print("neuronatlas: interrupted", file=sys.stderr)
+        return 130
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,51 @@ def test_failures_are_dead_lettered_listed_and_retried(make_server, tmp_path, ca
     assert "no dead letters" in capsys.readouterr().out
 
 
+def test_dead_letters_group_give_ups_whatever_their_count_and_time(tmp_path, capsys):
+    import asyncio
+
+    from client.store import RequestStore
+
+    store = str(tmp_path / "s.sqlite")
+
+    async def fill():
+        s = RequestStore(store, durable=False)
+        await asyncio.gather(*(s.put_dead(f"k{i}", "chat", {"model": "m", "messages": []}, "connection", None,
+                                          f"gave up after {n} attempts in {sec} s (max attempts): connection refused", n)
+                               for i, (n, sec) in enumerate([(10, 41), (10, 44), (7, 53)])),
+                             s.put_dead("k9", "chat", {"model": "m", "messages": []}, "http", 400, "bad request", 1))
+        await s.flush()
+        s.close()
+
+    asyncio.run(fill())
+    assert cli.main(["dead-letters", "--store", store]) == 0
+    listing = capsys.readouterr().out
+    assert "3 x connection: gave up (max attempts): connection refused" in listing
+    assert "1 x http 400: bad request" in listing
+
+
+def test_a_listing_piped_into_head_stops_quietly(tmp_path):
+    import asyncio
+
+    from client.store import RequestStore
+
+    store = str(tmp_path / "s.sqlite")
+
+    async def fill():
+        s = RequestStore(store, durable=False)
+        await asyncio.gather(*(s.put_dead(f"k{i}", "chat", {"model": "m", "messages": []}, "http", 400,
+                                          f"bad request {i}", 1) for i in range(2000)))  # one group commit
+        await s.flush()
+        s.close()
+
+    asyncio.run(fill())
+    cmd = " ".join([*neuronatlas(), "dead-letters", "--store", store, "--limit", "2000"])
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -n 1"], cwd=ROOT, env=cli_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith(f"{store}: 2,000 dead letters")
+    assert r.stderr == "" and r.returncode == 141
+
+
 # -- bad input: one line, exit 2, nothing sent -----------------------------------------------------
 
 def free_port() -> int:

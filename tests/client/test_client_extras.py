@@ -41,6 +41,19 @@ def test_any_file_parses_to_one_entry_per_line_without_raising(tmp_path, content
             assert p.request.body["model"] is not None and "id" not in p.request.body
 
 
+def test_ids_and_line_numbers_do_not_collide_silently(tmp_path):
+    """A line without an id is named by its number; where that number is another line's id, the
+    message says which line has no id, whichever comes first."""
+    path = tmp_path / "r.jsonl"
+    body = '"model": "m", "prompt": "p"'
+    path.write_text(f'{{"id": 2, {body}}}\n{{{body}}}\n{{{body}}}\n{{"id": 3, {body}}}\n', encoding="utf-8")
+    one, two, three, four = read_requests(str(path))
+    assert one.request and one.id == 2 and three.request and three.id == 3
+    assert two.error == "line 2: the line has no id, and its number 2 is already the id of line 1; give it an id"
+    assert four.error == ("line 4: id 3 is already used on line 3 (its line number: that line has no id); "
+                          "ids must be unique")
+
+
 async def test_progress_and_summary_say_what_happened(make_server):
     server = make_server(faults={"502": 0.3}, seed=1)
     out = io.StringIO()
@@ -56,6 +69,16 @@ async def test_progress_and_summary_say_what_happened(make_server):
     text = summary(client, 2.0)
     assert text.startswith("batch: 30 requests in 2s: 30 completed (30 sent), 0 failed.")
     assert f"retries (502: {client.stats.retries['502']})" in text and "Tokens paid" in text
+
+
+async def test_the_summary_does_not_count_unsent_requests_as_failed(make_server):
+    server = make_server()
+    async with Client(fast_config(server)) as client:
+        client.stop()  # what Ctrl-C does: nothing is sent from here on
+        results = await client.run_many(chat_requests(7))
+    assert {r.error.type for r in results} == {"interrupted"}
+    text = summary(client, 1.0)
+    assert "0 completed, 0 failed." in text and "7 not finished" in text
 
 
 def test_the_test_server_runs_as_a_process_with_limits_and_faults():

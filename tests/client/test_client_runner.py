@@ -11,7 +11,7 @@ from client.prices import Price, PriceTable
 from client.request import Request
 from client.runner import Client, RunAborted
 from client.store import RequestStore
-from client.testserver import FAULT_KINDS, ServerError, chat_reply, default_responder
+from client.testserver import FAULT_KINDS, ServerError, ServerFault, chat_reply, default_responder
 from client.transport import SetupError
 from client_testlib import chat_requests, fast_config, stored_keys
 
@@ -338,6 +338,55 @@ async def test_a_server_that_goes_away_stops_the_run(make_server):
     server.stop()
     with pytest.raises(RunAborted, match="no reply from"):
         await run(config, chat_requests(5))
+
+
+async def test_an_outage_dead_letters_nothing(make_server, store_path):
+    """While nothing answers, failed connections say nothing about the requests: they do not use up
+    --max-attempts (here 2, reached within milliseconds), the silence stops the run, and a rerun
+    sends them all."""
+    server = make_server()
+    config = fast_config(server, store_path, unreachable_s=0.5, max_attempts=2, backoff_base_s=0.01,
+                         backoff_cap_s=0.02)
+    server.stop()
+    with pytest.raises(RunAborted, match="no reply from .* for [01] s"):
+        await run(config, chat_requests(5))
+    async with Client(config) as client:
+        assert list(client.store.dead_letters()) == []
+
+
+async def test_a_server_that_never_answers_stops_the_run_at_the_first_timeout(make_server, store_path):
+    """A server that accepts requests and never answers: the first timed-out attempt, past the
+    silence limit, ends the run; the other requests are not each made to wait their own timeout."""
+    server = make_server(faults={"hang": 1.0}, hang_s=30.0)
+    config = fast_config(server, store_path, unreachable_s=0.5, timeout_s=1.0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(RunAborted, match="no reply from"):
+        await run(config, chat_requests(8))
+    assert loop.time() - start < 2.5
+    async with Client(config) as client:
+        assert list(client.store.dead_letters()) == []
+
+
+async def test_a_request_the_server_always_drops_is_dead_lettered(make_server, store_path):
+    """A server that answers everyone else but resets one request: that request's failures count,
+    and it is dead-lettered at --max-attempts while the others complete."""
+    async def responder(kind, body):
+        if body["messages"][0]["content"] == "q number 0":
+            await asyncio.sleep(0.05)  # the others' replies arrive first
+            raise ServerFault("reset")
+        return default_responder(kind, body)
+
+    server = make_server(responder=responder, latency_ms=5)
+    config = fast_config(server, store_path, max_attempts=3, backoff_base_s=0.01, backoff_cap_s=0.02, max_in_flight=4)
+    requests = chat_requests(1) + [r for r in chat_requests(200) if r.id != "q0"]
+    client, results = await run(config, requests)
+    # The probe (alone, nobody else answered meanwhile) does not count; three attempts after it do.
+    assert results[0].error.type == "connection" and "(max attempts)" in results[0].error.message
+    assert 3 <= results[0].attempts <= 4
+    assert all(r.ok for r in results[1:])
+    async with Client(config) as c:
+        assert [d.key for d in c.store.dead_letters()] == [requests[0].key]
 
 
 # -- the pre-flight check -------------------------------------------------------------------------

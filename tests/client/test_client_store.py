@@ -60,3 +60,12 @@ def test_refuses_what_is_not_a_store(tmp_path):
     conn.close()
     with pytest.raises(StoreError, match="schema 99"):
         RequestStore(str(newer))
+    other = tmp_path / "other.sqlite"  # another program's database: refused, and left as it was
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE results(a)")
+    conn.commit()
+    conn.close()
+    before = other.read_bytes()
+    with pytest.raises(StoreError, match="another program .*tables: results"):
+        RequestStore(str(other))
+    assert other.read_bytes() == before and not (tmp_path / "other.sqlite-wal").exists()

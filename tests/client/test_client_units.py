@@ -128,6 +128,46 @@ def test_default_pacing_stays_within_the_limit_over_any_second():
             assert i - j + 1 <= rpm / 60, (rpm, t)
 
 
+def _send_paced(limits: Limits, clock: list, tokens: float) -> float:
+    """Wait (on the fake clock) as `Limits.acquire` would, send, and return at once."""
+    while (wait := limits.delay(tokens)) != 0:
+        assert wait is not None
+        clock[0] += wait
+    limits.take(tokens)
+    limits.release()
+    return clock[0]
+
+
+def _most_in_a_second(times: list[float], costs: list[float]) -> float:
+    return max(sum(c for u, c in zip(times, costs) if t <= u < t + 1.0) for t in times)
+
+
+def test_the_probe_counts_against_the_limit_it_learns():
+    """The lone first request leaves before the limit is known; once its headers teach the limit,
+    that request is charged, so the first second holds no more than the limit either."""
+    clock = [0.0]
+    limits = Limits(rpm=None, tpm=None, clock=lambda: clock[0])
+    times = [_send_paced(limits, clock, 10)]
+    clock[0] += 0.001
+    limits.on_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "599"})
+    times += [_send_paced(limits, clock, 10) for _ in range(40)]
+    assert _most_in_a_second(times, [1] * len(times)) <= 10
+
+
+def test_large_requests_stay_within_a_token_window():
+    """At 60,000 TPM (1,000 tokens a second) requests of 312 tokens cannot go every 0.315 s:
+    four of them would land in one second. At most three do, and no fewer go than fit."""
+    clock = [0.0]
+    limits = Limits(rpm=None, tpm=60_000, learn_from_headers=False, clock=lambda: clock[0])
+    times = [_send_paced(limits, clock, 312) for _ in range(30)]
+    assert _most_in_a_second(times, [312] * len(times)) <= 1000
+    assert times[-1] < 10.5  # three a second: 30 requests in a little under 10 s
+    # One request larger than a whole second's budget still goes, alone in its window.
+    big = Limits(rpm=None, tpm=6_000, learn_from_headers=False, clock=lambda: clock[0])
+    sent = [_send_paced(big, clock, 500) for _ in range(3)]
+    assert all(b - a >= 1.0 for a, b in zip(sent, sent[1:]))
+
+
 def test_a_pause_resumes_from_an_empty_bucket():
     clock = [0.0]
     limits = Limits(rpm=6000, tpm=None, learn_from_headers=False, clock=lambda: clock[0])
