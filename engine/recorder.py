@@ -200,7 +200,11 @@ class _Interrupt:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            # At once, as a kill would: the store's checkpoints are atomic, and raising here, in
+            # the middle of a checkpoint's writes, leaves Zarr's I/O threads to print tracebacks.
+            print("\ninterrupt: stopped at once; the store keeps its last checkpoint (run the same "
+                  "command again to resume)", file=sys.stderr, flush=True)
+            os._exit(130)
         self.requested = True
         print("\ninterrupt: finishing the batch and writing a checkpoint (Ctrl-C again to stop at once)",
               file=sys.stderr)
@@ -559,6 +563,35 @@ def attach(lm: LoadedModel, states: list, spec: ref.ReductionSpec, updates: Upda
     return detach
 
 
+_OOM_HINT = " (out of device memory: lower --batch-size)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _trial_forward(lm: LoadedModel, name: str, tokens: np.ndarray, bos_id: int | None, device: torch.device) -> None:
+    """One excerpt through the model before the store is created or resumed: a model that loads but
+    cannot run (a config its own code rejects at run time) stops with one line, and no store is
+    left behind for it."""
+    toks = np.asarray(tokens, dtype=np.int64)
+    if bos_id is not None:
+        toks = np.concatenate([np.full((toks.shape[0], 1), bos_id, dtype=np.int64), toks], axis=1)
+    try:
+        with torch.inference_mode():
+            lm.model.base_model(input_ids=ref.to_device(toks, device), use_cache=False)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise UserError(f"the model '{name}' loads but its forward pass fails: {_first_line(exc)}"
+                        f"{_OOM_HINT if _is_oom(exc) else ''}") from None
+
+
 def _store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -575,6 +608,8 @@ def record(cfg: RecordConfig, log=print) -> Summary:
         raise UserError("--max-excerpts must be at least 1")
     if cfg.hist_bins < 1:
         raise UserError("--hist-bins must be at least 1")
+    if not cfg.checkpoint_every >= 0:  # (also refuses NaN)
+        raise UserError("--checkpoint-every must be a number of seconds, at least 0")
     if not 0 <= cfg.seed < 2**63:
         raise UserError("--seed must be an integer from 0 to 2^63 - 1")
     exists = _prepare_out(out)
@@ -613,7 +648,8 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     # The activation dtype is the model's; the state keeps per-token activations in it.
     act_dtype = dtype
     plan = memory_plan(spec, lm.n_neurons, act_dtype, lm.identity["n_parameters"],
-                       torch.empty((), dtype=dtype).element_size(), cfg.batch_size, lm.identity["d_model"])
+                       torch.empty((), dtype=dtype).element_size(), min(cfg.batch_size, corpus.n_excerpts),
+                       lm.identity["d_model"])
     avail = available_bytes(device)
     log(f"memory: per-neuron state {_fmt_bytes(plan['state'])}, model {_fmt_bytes(plan['model'])}, "
         f"batch {_fmt_bytes(plan['batch'])} (total {_fmt_bytes(plan['total'])}, {_fmt_bytes(avail)} free on {device})")
@@ -625,6 +661,9 @@ def record(cfg: RecordConfig, log=print) -> Summary:
             f"recording needs about {_fmt_bytes(need)} on {device} beyond the model but {_fmt_bytes(avail)} "
             "is free; lower --batch-size, --top-k or the sample sizes"
         )
+
+    bos_id = tokenizer.bos_token_id if bos else None
+    _trial_forward(lm, cfg.model, corpus.tokens[:1], bos_id, device)
 
     L = len(lm.modules)
     if exists:
@@ -661,7 +700,6 @@ def record(cfg: RecordConfig, log=print) -> Summary:
 
     total = corpus.n_excerpts
     T = cfg.excerpt_len
-    bos_id = tokenizer.bos_token_id if bos else None
     flags: list[torch.Tensor] = []
     current: dict = {}
 
@@ -713,7 +751,14 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                 # and a short last batch (another shape) run eagerly; the rest in the graph.
                 use_graph = compiled is not None and b == cfg.batch_size and not batch.completes_prefix
                 current["graph"] = use_graph
-                (compiled if use_graph else base)(input_ids=ref.to_device(toks, device), use_cache=False)
+                try:
+                    (compiled if use_graph else base)(input_ids=ref.to_device(toks, device), use_cache=False)
+                except (UserError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    raise UserError(f"the forward pass failed on the batch starting at excerpt {done:,}: "
+                                    f"{_first_line(exc)}{_OOM_HINT if _is_oom(exc) else ''}; the store keeps "
+                                    "its last checkpoint") from None
                 if side is not None:
                     side.join()
                 if use_graph and updates.graph_counts:

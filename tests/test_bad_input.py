@@ -68,6 +68,22 @@ def test_unsupported_architecture(capsys, tmp_path, corpus_file):
                  "--corpus", corpus_file, "--out", tmp_path / "s")
 
 
+def test_a_model_that_loads_but_cannot_run(capsys, tmp_path, corpus_file):
+    """StableLM's config defaults to 32 key/value heads: with 2 attention heads the model loads and
+    its first forward pass fails. One line, before any store exists."""
+    from transformers import AutoModelForCausalLM, StableLmConfig
+
+    tok = make_tokenizer(corpus_texts(20))
+    model = AutoModelForCausalLM.from_config(StableLmConfig(
+        hidden_size=32, intermediate_size=52, num_hidden_layers=2, num_attention_heads=2, vocab_size=len(tok)))
+    model.save_pretrained(tmp_path / "broken")
+    tok.save_pretrained(tmp_path / "broken")
+    line = expect_error(capsys, "loads but its forward pass fails: RuntimeError", "--model", tmp_path / "broken",
+                        "--corpus", corpus_file, "--out", tmp_path / "s")
+    assert str(tmp_path / "broken") in line
+    assert not (tmp_path / "s").exists()
+
+
 def test_empty_and_short_corpora(capsys, tmp_path, tiny_models):
     (tmp_path / "empty.txt").write_text("")
     expect_error(capsys, "is empty", "--model", tiny_models["gpt2"], "--corpus", tmp_path / "empty.txt",
@@ -128,6 +144,9 @@ def test_bad_options(capsys, tmp_path, tiny_models, corpus_file):
     expect_error(capsys, "unknown dtype", *common, "--dtype", "float8")
     expect_error(capsys, "unknown backend", *common, "--backend", "cuda-magic")
     expect_error(capsys, "no CUDA GPU", *common, "--device", "cuda")
+    expect_error(capsys, "--checkpoint-every must be", *common, "--checkpoint-every", -5)
+    expect_error(capsys, "--checkpoint-every must be", *common, "--checkpoint-every", "nan")
+    assert not (tmp_path / "s").exists()
 
 
 def test_memory_that_will_not_fit_is_refused(capsys, tmp_path, tiny_models, corpus_file):
@@ -285,3 +304,37 @@ def test_the_same_model_by_another_spelling_of_its_path_resumes(capsys, tmp_path
     # The same directory as ./NAME/ and as an absolute path: the same run (complete, nothing to do).
     assert run(capsys, "--model", f"./{name}/", *common, "--max-excerpts", 40)[0] == 0
     assert run(capsys, "--model", tiny_models["gpt2"].resolve(), *common, "--max-excerpts", 40)[0] == 0
+
+
+def test_a_forward_pass_that_fails_mid_run_keeps_the_checkpoint(capsys, tmp_path, tiny_models, corpus_file,
+                                                                monkeypatch):
+    """A failure inside the model after the run started (a driver error, memory) is one line naming
+    the batch; the store keeps its last checkpoint and the same command resumes."""
+    import engine.recorder as rec
+
+    real_load = rec.load_model
+    calls = {"n": 0}
+
+    def failing_load(*a, **k):
+        lm = real_load(*a, **k)
+
+        def fail(mod, args, out):
+            calls["n"] += 1
+            if calls["n"] == 4:  # the trial excerpt, then the third batch
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+
+        lm.modules[0].register_forward_hook(fail)
+        return lm
+
+    monkeypatch.setattr(rec, "load_model", failing_load)
+    args = ("--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", tmp_path / "s", "--max-excerpts", 40,
+            "--batch-size", 8, "--checkpoint-every", 0)
+    line = expect_error(capsys, "the forward pass failed on the batch starting at excerpt 16: RuntimeError: CUDA "
+                        "error: an illegal memory access was encountered; the store keeps its last checkpoint", *args)
+    assert "more detail" not in line
+    from engine.store import open_store
+
+    assert open_store(tmp_path / "s").progress["excerpts_done"] == 16  # batches 0-7 and 8-15 kept
+    monkeypatch.setattr(rec, "load_model", real_load)
+    rc, _ = run(capsys, *args)
+    assert rc == 0

@@ -122,7 +122,7 @@ def test_nonfinite_activation_names_layer_and_batch(tiny_models, corpus_file, tm
 
         def poison(mod, args, out):
             seen["calls"] += 1
-            if seen["calls"] == 3:  # third batch through layer 1
+            if seen["calls"] == 4:  # the trial excerpt, then the third batch through layer 1
                 out[0, 3, 5] = float("nan")
 
         lm.modules[1].register_forward_hook(poison)
