@@ -35,6 +35,11 @@ from client.request import (Request, RequestError, Result, Usage, max_completion
 from client.store import NullStore, RequestStore, StoreError
 from client.transport import SetupError, Transport, TransportError
 
+PROBE_EVERY_S = 1.0
+"""How long one answer to the liveness probe (GET /models) stands for all failures."""
+PROBE_TIMEOUT_S = 5.0
+"""How long the probe waits for any reply (never longer than --timeout)."""
+
 
 class RunAborted(Exception):
     """The run had to stop for everyone (the key was refused, the server went away, the store failed)."""
@@ -100,7 +105,7 @@ class _Job:
 
     __slots__ = ("request", "key", "kind", "body", "model", "payload", "chars", "prompt_est", "completion_est",
                  "has_budget", "future", "attempts", "counted", "failures", "first_sent", "sent_at", "was_dead",
-                 "timer", "in_flight")
+                 "timer", "in_flight", "outage")
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -118,6 +123,7 @@ class _Job:
         self.was_dead = False
         self.timer: asyncio.TimerHandle | None = None
         self.in_flight = False
+        self.outage = False        # waiting after a failure while the server answered nobody
 
     @property
     def tokens_est(self) -> float:
@@ -158,6 +164,9 @@ class Client:
         # When the first attempt sent since the last HTTP reply left (None: none since): how long
         # the server has been silent while asked, as opposed to the client having nothing to send.
         self._silent_since: float | None = None
+        self._probe: asyncio.Task | None = None   # GET /models: is the server up at all?
+        self._probe_done = -math.inf               # when the last probe ended (monotonic)
+        self._outage = False                       # a failure found the server answering nobody
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -211,6 +220,9 @@ class Client:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._dispatcher is not None:
             await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         try:
             await self.store.flush()
         finally:
@@ -425,20 +437,25 @@ class Client:
                 self.limits.release()
         except TransportError as exc:
             self.limits.on_trouble(job.sent_at)
+            # A server that answers nobody is down, and that is no fault of this request: such
+            # failures do not count against --max-attempts (the silence below ends the run). One
+            # that answers others but not this request counts. A connection that was made and then
+            # reset, with nobody else answered meanwhile (the request is alone, or reset on
+            # arrival), asks GET /models whether the server is up: if it is, the reset counts, so
+            # a request the server always drops is dead-lettered, not retried in every rerun.
+            up = self._last_reply >= job.sent_at or (
+                exc.type == "connection" and exc.reached and await self._server_answers())
             now = time.monotonic()
             quiet_from = self._last_reply if self._silent_since is None else self._silent_since
             if now - quiet_from >= self.config.unreachable_s:
                 self._abort(f"no reply from {self.transport.base_url} for {now - quiet_from:.0f} s ({exc.message}); "
                             "check the server, then run the same command again to resume")
-            # A server that answers nobody is down, and that is no fault of this request: such
-            # failures do not count against --max-attempts (the silence above ends the run). One
-            # that answers others but not this request counts.
-            counts = self._last_reply >= job.sent_at
+            if not up:
+                self._outage = True
             await self._retry_or_fail(job, RequestError(exc.type, exc.message, retryable=True), None, exc.type,
-                                      counts=counts)
+                                      counts=up)
             return
-        self._last_reply = time.monotonic()
-        self._silent_since = None
+        self._heard(time.monotonic())
         self.limits.on_headers(reply.headers)
         verdict = classify(job.kind, job.body, reply)
         if verdict.response is not None:
@@ -467,6 +484,33 @@ class Client:
         self._check_pause()
         cause = str(reply.status) if error.type == "http" else error.type
         await self._retry_or_fail(job, error, verdict.retry_after, cause)
+
+    def _heard(self, when: float) -> None:
+        """The server replied (at `when`). After an outage, the requests backing off because of it
+        go again now rather than after backoffs that doubled while nobody answered."""
+        self._last_reply = max(self._last_reply, when)
+        self._silent_since = None
+        if self._outage:
+            self._outage = False
+            for job in [job for job in self._waiting if job.outage]:
+                if job.timer is not None:
+                    job.timer.cancel()
+                self._requeue(job)
+
+    async def _server_answers(self) -> bool:
+        """Whether GET /models gets any reply now (one probe at a time, reused for PROBE_EVERY_S)."""
+        if self._probe is None or (self._probe.done() and time.monotonic() - self._probe_done >= PROBE_EVERY_S):
+            self._probe = asyncio.create_task(self._run_probe(), name="client-probe")
+        return await asyncio.shield(self._probe)
+
+    async def _run_probe(self) -> bool:
+        try:
+            up = await self.transport.answers(min(PROBE_TIMEOUT_S, self.config.timeout_s))
+        finally:
+            self._probe_done = time.monotonic()
+        if up:
+            self._heard(self._probe_done)
+        return up
 
     def _check_pause(self) -> None:
         """A pause as long as the per-request deadline (a Retry-After of hours, a limit reset far
@@ -514,6 +558,7 @@ class Client:
             else:
                 job.failures += 1
                 job.counted += counts
+                job.outage = not counts
                 ceiling = min(self.config.backoff_cap_s, self.config.backoff_base_s * 2 ** (job.failures - 1))
                 delay = self._rng.uniform(0, ceiling)  # full jitter: retries of a burst spread out
                 if retry_after:

@@ -30,12 +30,14 @@ class HttpReply:
 
 
 class TransportError(Exception):
-    """An attempt that got no complete HTTP reply: type is 'timeout' or 'connection'."""
+    """An attempt that got no complete HTTP reply: type is 'timeout' or 'connection'; `reached`
+    tells a connection that was made and then dropped (a reset) from one that never was."""
 
-    def __init__(self, type: str, message: str):
+    def __init__(self, type: str, message: str, reached: bool = True):
         super().__init__(message)
         self.type = type
         self.message = message
+        self.reached = reached
 
 
 class SetupError(Exception):
@@ -79,10 +81,23 @@ class Transport:
         except asyncio.TimeoutError:
             raise TransportError("timeout", f"no complete reply within {self.config.timeout_s:g} s") from None
         except aiohttp.ClientConnectorError as exc:
-            raise TransportError("connection", f"cannot connect to {self.base_url}: {exc.os_error or exc}") from None
+            raise TransportError("connection", f"cannot connect to {self.base_url}: {exc.os_error or exc}",
+                                 reached=False) from None
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             # Resets, a server that closes mid-reply, a body shorter than its Content-Length.
             raise TransportError("connection", " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(": ")) from None
+
+    async def answers(self, timeout_s: float) -> bool:
+        """Whether the server gives any HTTP reply at all to GET {base_url}/models (any status). A
+        request that fails without a reply tells apart a server that is down from one that is up
+        but drops this particular request."""
+        try:
+            async with self._session.get(self.base_url + "/models",
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                await resp.read()
+                return True
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            return False
 
     async def check(self, timeout_s: float = 10.0) -> list[str]:
         """GET {base_url}/models: fail fast, with a fix, when the server cannot be used. Returns the

@@ -11,7 +11,9 @@ from client.prices import Price, PriceTable
 from client.request import Request
 from client.runner import Client, RunAborted
 from client.store import RequestStore
-from client.testserver import FAULT_KINDS, ServerError, ServerFault, chat_reply, default_responder
+from client.config import ClientConfig
+from client.testserver import (FAULT_KINDS, ServerConfig, ServerError, ServerFault, ServerThread, chat_reply,
+                               default_responder)
 from client.transport import SetupError
 from client_testlib import chat_requests, fast_config, stored_keys
 
@@ -387,6 +389,48 @@ async def test_a_request_the_server_always_drops_is_dead_lettered(make_server, s
     assert all(r.ok for r in results[1:])
     async with Client(config) as c:
         assert [d.key for d in c.store.dead_letters()] == [requests[0].key]
+
+
+async def test_a_request_reset_on_arrival_is_dead_lettered_even_when_alone(make_server, store_path):
+    """Reset as it arrives, with no other reply in between to show that the server is up: GET /models
+    shows it, so the resets count and the request is dead-lettered; the run ends instead of stopping
+    on silence in every rerun. A rerun does not send it again."""
+    def responder(kind, body):
+        if body["messages"][0]["content"] == "q number 0":
+            raise ServerFault("reset")
+        return default_responder(kind, body)
+
+    server = make_server(responder=responder)
+    config = fast_config(server, store_path, max_attempts=3, unreachable_s=0.5)
+    requests = chat_requests(3)
+    client, results = await run(config, requests)
+    assert client.abort_reason is None
+    assert results[0].error.type == "connection" and "(max attempts)" in results[0].error.message
+    assert results[0].attempts == 3
+    assert all(r.ok for r in results[1:])
+    received = server.snapshot()["received"]
+    _, again = await run(config, requests)
+    assert again[0].source == "store" and not again[0].ok and server.snapshot()["received"] == received
+
+
+async def test_after_an_outage_the_requests_go_again_at_once(make_server, store_path):
+    """Backoffs double while nothing answers; the first reply after the outage sends the waiting
+    requests again at once instead of after their (up to --backoff-cap) waits."""
+    port = free_port()
+    config = ClientConfig(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", timeout_s=2.0, backoff_base_s=0.2,
+                          backoff_cap_s=4.0, unreachable_s=30, store_path=store_path, seed=0, durable=False)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(run(config, chat_requests(20)))
+    await asyncio.sleep(2.5)  # each request has failed several times: backoffs of up to 4 s
+    assert not task.done()
+    server = ServerThread(ServerConfig(), port=port).start()
+    try:
+        back = loop.time()
+        client, results = await asyncio.wait_for(task, 10)
+        assert all(r.ok for r in results) and loop.time() - back < 1.5
+        assert client.stats.attempts > 40  # the outage was seen: not a run that never failed
+    finally:
+        server.stop()
 
 
 # -- the pre-flight check -------------------------------------------------------------------------
