@@ -98,6 +98,9 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
 
 WINDOW_S = 1.0
 """The shortest window a provider is assumed to enforce a per-minute limit over."""
+HOLD_S = WINDOW_S + 0.02
+"""How long a request is counted in its window: 20 ms longer, for requests sent a window apart that
+arrive closer together (a network's jitter)."""
 
 
 @dataclass
@@ -118,7 +121,7 @@ class TokenBucket:
     stamp: float
     """When `level` was last brought up to date (monotonic seconds)."""
     spent: deque = field(default_factory=deque)
-    """(time, units) of what was taken in the last WINDOW_S, also while no limit is known."""
+    """(time, units) of what was taken in the last HOLD_S, also while no limit is known."""
     spent_sum: float = 0.0
 
     @classmethod
@@ -134,7 +137,7 @@ class TokenBucket:
             self.stamp = now
 
     def _trim(self, now: float) -> None:
-        while self.spent and self.spent[0][0] <= now - WINDOW_S + 1e-9:  # (rounding of t + WINDOW_S)
+        while self.spent and self.spent[0][0] <= now - HOLD_S + 1e-9:  # (rounding of t + HOLD_S)
             self.spent_sum -= self.spent.popleft()[1]
         if not self.spent:
             self.spent_sum = 0.0
@@ -154,7 +157,7 @@ class TokenBucket:
             for t, units in self.spent:
                 left -= units
                 if left + cost <= budget or left <= 1e-9:
-                    wait = max(wait, t + WINDOW_S - now)
+                    wait = max(wait, t + HOLD_S - now)
                     break
         return wait
 

@@ -138,8 +138,8 @@ def _send_paced(limits: Limits, clock: list, tokens: float) -> float:
     return clock[0]
 
 
-def _most_in_a_second(times: list[float], costs: list[float]) -> float:
-    return max(sum(c for u, c in zip(times, costs) if t <= u < t + 1.0) for t in times)
+def _most_in_a_second(times: list[float], costs: list[float], window: float = 1.0) -> float:
+    return max(sum(c for u, c in zip(times, costs) if t <= u < t + window) for t in times)
 
 
 def test_the_probe_counts_against_the_limit_it_learns():
@@ -156,16 +156,17 @@ def test_the_probe_counts_against_the_limit_it_learns():
 
 def test_large_requests_stay_within_a_token_window():
     """At 60,000 TPM (1,000 tokens a second) requests of 312 tokens cannot go every 0.315 s:
-    four of them would land in one second. At most three do, and no fewer go than fit."""
+    four of them would land in one second. At most three do, and no fewer go than fit; sent a
+    window apart, they stay so when the network delays one of them by up to 20 ms."""
     clock = [0.0]
     limits = Limits(rpm=None, tpm=60_000, learn_from_headers=False, clock=lambda: clock[0])
     times = [_send_paced(limits, clock, 312) for _ in range(30)]
-    assert _most_in_a_second(times, [312] * len(times)) <= 1000
+    assert _most_in_a_second(times, [312] * len(times), window=1.019) <= 1000
     assert times[-1] < 10.5  # three a second: 30 requests in a little under 10 s
     # One request larger than a whole second's budget still goes, alone in its window.
     big = Limits(rpm=None, tpm=6_000, learn_from_headers=False, clock=lambda: clock[0])
     sent = [_send_paced(big, clock, 500) for _ in range(3)]
-    assert all(b - a >= 1.0 for a, b in zip(sent, sent[1:]))
+    assert all(b - a >= 1.02 - 1e-9 for a, b in zip(sent, sent[1:]))
 
 
 def test_a_pause_resumes_from_an_empty_bucket():
