@@ -14,6 +14,9 @@ rewrites it complete:
     {"id": "a1", "response": {...the reply...}}
     {"id": "a2", "error": {"type": "http", "status": 400, "message": "..."}}
     {"id": null, "line": 7, "error": {"type": "bad_input", "message": "line 7: not valid JSON (...)"}}
+
+A line that cannot be used keeps its id in the result when it has one of its own, except a line whose
+id repeats an earlier one (2 and "2" are the same id): its id is null, so that each id names one line.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def read_requests(path: str, default_model: str | None = None) -> list[InputLine
     """Parse a request file; bad lines come back with `error` set, never raise for content.
     Raises OSError if the file cannot be read."""
     out: list[InputLine] = []
-    seen: dict[Any, int] = {}
+    seen: dict[str, int] = {}
     out_ids: dict[int, bool] = {}  # line -> whether its id is its line number
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not part of line 1
         for n, text in enumerate(f, 1):
@@ -57,7 +60,7 @@ def read_requests(path: str, default_model: str | None = None) -> list[InputLine
                 continue
             item = _parse_line(n, text, default_model)
             if item.error is None:
-                key = json.dumps(item.id, sort_keys=True)
+                key = str(item.id)  # 2 and "2" are one id to whoever joins the results on it
                 if key in seen:
                     first = seen[key]
                     if item.implicit:
@@ -67,7 +70,7 @@ def read_requests(path: str, default_model: str | None = None) -> list[InputLine
                         why = (f"line {n}: id {item.id!r} is already used on line {first}"
                                + (" (its line number: that line has no id)" if out_ids[first] else "")
                                + "; ids must be unique")
-                    item = InputLine(n, item.id, error=why)
+                    item = InputLine(n, None, error=why)  # the id is the other line's in the results
                 else:
                     seen[key] = n
                     out_ids[n] = item.implicit

@@ -123,13 +123,16 @@ def summary(client, elapsed_s: float, label: str = "batch") -> str:
     sources = []
     if s.sent_ok:
         sources.append(f"{human(s.sent_ok)} sent")
-    if s.from_store:
-        sources.append(f"{human(s.from_store)} from the store")
+    if s.from_store - s.from_store_failed:
+        sources.append(f"{human(s.from_store - s.from_store_failed)} from the store")
     if s.shared:
         sources.append(f"{human(s.shared)} identical to another, sent once")
     if sources:
         out[0] += f" ({', '.join(sources)})"
-    out[0] += f", {human(s.failed - s.interrupted)} failed."  # the interrupted are counted apart, below
+    out[0] += f", {human(s.failed - s.interrupted)} failed"  # the interrupted are counted apart, below
+    if s.from_store_failed:
+        out[0] += f" ({human(s.from_store_failed)} dead-lettered by an earlier run, not sent again)"
+    out[0] += "."
     if s.dead_lettered:
         top = "; ".join(f"{n} x {msg}" for msg, n in s.errors.most_common(3))
         out.append(f"{human(s.dead_lettered)} dead-lettered this run ({top}).")

@@ -57,6 +57,8 @@ class Stats:
     """Results delivered with an error (any source, interrupted ones included)."""
     from_store: int = 0
     """Results answered from the store without HTTP (completed or dead-lettered earlier)."""
+    from_store_failed: int = 0
+    """Of those, the ones dead-lettered by an earlier run (not resent)."""
     shared: int = 0
     """Results that reused the reply of an identical request in flight at the same time."""
     sent_ok: int = 0
@@ -628,5 +630,6 @@ class Client:
             stats.failed += 1
         if result.source == "store":
             stats.from_store += 1
+            stats.from_store_failed += result.error is not None
         elif result.source == "shared":
             stats.shared += 1

@@ -58,7 +58,7 @@ def test_batch_writes_every_line_reports_bad_ones_and_reruns_from_the_store(make
     assert "line 31: not valid JSON" in err and 'line 33: no "messages"' in err
     assert "line 34: id 'q3' is already used on line 4" in err
     results = read_results(tmp_path / "out.jsonl")
-    assert [r["id"] for r in results] == [f"q{i}" for i in range(30)] + [None, "nomsg", "q3", "b1", "same"]
+    assert [r["id"] for r in results] == [f"q{i}" for i in range(30)] + [None, "nomsg", None, "b1", "same"]
     assert all("response" in r for r in results[:30])
     assert results[30]["line"] == 31 and results[30]["error"]["type"] == "bad_input"
     assert results[33]["response"]["object"] == "text_completion"
@@ -100,6 +100,8 @@ def test_failures_are_dead_lettered_listed_and_retried(make_server, tmp_path, ca
     received = server.snapshot()["received"]
     assert cli.main(batch_args(server, tmp_path, "--store", store)) == 1   # a rerun reports, does not resend
     assert server.snapshot()["received"] == received
+    assert (": 0 completed, 5 failed (5 dead-lettered by an earlier run, not sent again)."
+            in capsys.readouterr().err)
 
     ignore["on"] = False
     assert cli.main(["retry-dead", "--store", store, "--base-url", server.base_url, "--api-key", "k",

@@ -52,6 +52,22 @@ def test_ids_and_line_numbers_do_not_collide_silently(tmp_path):
     assert two.error == "line 2: the line has no id, and its number 2 is already the id of line 1; give it an id"
     assert four.error == ("line 4: id 3 is already used on line 3 (its line number: that line has no id); "
                           "ids must be unique")
+    assert two.id is None and four.id is None  # each id in the result file names one line
+
+
+def test_an_id_and_its_string_are_one_id(tmp_path):
+    """3 and "3", a line number and a custom_id "2", are one id to whoever joins the results on it."""
+    path = tmp_path / "r.jsonl"
+    body = '"model": "m", "prompt": "p"'
+    batch = '"url": "/v1/completions", "body": {"model": "m", "prompt": "q"}'
+    path.write_text(f'{{"id": 3, {body}}}\n{{{body}}}\n{{"custom_id": "2", {batch}}}\n{{"id": "3", {body}}}\n'
+                    f'{{"id": "3x", {body}}}\n', encoding="utf-8")
+    one, two, three, four, five = read_requests(str(path))
+    assert one.request and two.request and two.id == 2 and five.request
+    assert three.error == ("line 3: id '2' is already used on line 2 (its line number: that line has no id); "
+                           "ids must be unique")
+    assert four.error == "line 4: id '3' is already used on line 1; ids must be unique"
+    assert three.id is None and four.id is None
 
 
 async def test_progress_and_summary_say_what_happened(make_server):
