@@ -99,18 +99,19 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
 WINDOW_S = 1.0
 """The shortest window a provider is assumed to enforce a per-minute limit over."""
 HOLD_S = WINDOW_S + 0.02
-"""How long a request is counted in its window: 20 ms longer, for requests sent a window apart that
-arrive closer together (a network's jitter)."""
+"""How long a request larger than the burst is counted in its window: 20 ms longer, so that requests
+sent a window apart still are when the network brings them closer (smaller requests are paced by
+the bucket alone, whose 1% headroom leaves the same slack)."""
 
 
 @dataclass
 class TokenBucket:
     """A budget of `rate` units a second of which at most `burst` can be saved up (rate inf: no limit).
 
-    The bucket alone keeps any one-second window within rate + burst for requests that cost little
-    of it. A request that costs a large part of a second's budget (a TPM limit and a long prompt
-    or max_tokens) would overrun a window even when paced evenly, so what was spent in the last
-    `WINDOW_S` is kept too and a request also waits until the window has room for it."""
+    The bucket alone keeps any window of T seconds within rate * T + burst for requests that cost
+    no more than the burst. A larger request (a TPM limit and a long prompt or max_tokens) would
+    overrun a window even when paced evenly, so what was spent in the last `HOLD_S` is kept too and
+    such a request also waits until that window has room for it."""
 
     rate: float
     """Units per second (requests or tokens); inf when there is no limit."""
@@ -152,7 +153,7 @@ class TokenBucket:
         wait = 0.0 if self.level >= need - 1e-9 else (need - self.level) / self.rate  # (rounding)
         self._trim(now)
         budget = self.rate * WINDOW_S + self.burst
-        if self.spent_sum + cost > budget:
+        if cost > self.burst and self.spent_sum + cost > budget:
             left = self.spent_sum
             for t, units in self.spent:
                 left -= units
