@@ -70,6 +70,11 @@ def explain_requests(tokens: list[list[str]], values: list[list[int]], opts: Exp
     return out
 
 
+MAX_EXPLANATION_CHARS = 300
+"""An explanation is cut to this many characters (docs/EXPLAIN.md): it is a short phrase, and what
+a runaway reply would add could not help the simulator."""
+
+
 class BadExplanation(Exception):
     """An explainer reply that is no explanation (empty, a refusal)."""
 
@@ -103,7 +108,8 @@ def _unwrap(text: str) -> str:
 
 def parse_explanation(reply: dict) -> str:
     """The explanation in a chat reply: its first non-empty line, without quotes, a leading label
-    or a final period. Raises BadExplanation for an empty reply or a refusal."""
+    or a final period, cut to MAX_EXPLANATION_CHARS characters. Raises BadExplanation for an empty
+    reply or a refusal."""
     try:
         choice = reply["choices"][0]
         message = choice["message"]
@@ -122,7 +128,7 @@ def parse_explanation(reply: dict) -> str:
     text = " ".join(text.rstrip(".").split())
     if not text:
         raise BadExplanation(f"the explainer's reply holds no explanation: {content.strip()[:120]!r}")
-    return text[:300]
+    return text[:MAX_EXPLANATION_CHARS]
 
 
 @dataclass

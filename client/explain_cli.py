@@ -56,7 +56,9 @@ def register_explain(sub) -> None:
     g.add_argument("--excerpts", type=int, default=5, help="top train excerpts shown (default 5)")
     g.add_argument("--samples", type=int, default=1, help="explanations sampled per neuron; score keeps the best (default 1)")
     g.add_argument("--temperature", type=float, default=1.0, help="explainer temperature (default 1.0)")
-    g.add_argument("--max-tokens", type=int, default=60, help="longest explanation in tokens (default 60)")
+    g.add_argument("--max-tokens", type=int, default=60,
+                   help="longest explanation in tokens (default 60); the explanation kept is the reply's first "
+                   "line, cut to 300 characters")
     _run_flags(p)
     _add_client_flags(p)
     p.set_defaults(func=lambda args: _stage("explain", args))
@@ -100,7 +102,8 @@ def register_explain(sub) -> None:
     _selection_flags(p)
     _group_flags(p, explain=False)
     p.add_argument("--no-calibration", dest="calibration", action="store_false",
-                   help="R^2 and deviation explained of the raw 0..10 simulation")
+                   help="R^2 and deviation explained of the raw 0..10 simulation (always so for neurons "
+                   "simulated with --no-calibration)")
     p.add_argument("--rescore", action="store_true", help="recompute neurons already scored")
     p.add_argument("--allow-incomplete", action="store_true", help="work on an unfinished recording")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync results files")
@@ -187,7 +190,7 @@ def top_command(args) -> int:
     from engine.store import open_store
 
     store = open_store(args.store)
-    layers = set(parse_ranges(args.layers, store.n_layers, "layer", "--layers")) if args.layers else None
+    layers = set(parse_ranges(args.layers, store.n_layers, "layer", "--layers")) if args.layers is not None else None
     if args.count < 1:
         raise UserError(f"--count must be at least 1, not {args.count}")
     field = {"score": "score", "random-only": "score_random_only", "rsquared": "rsquared",

@@ -2,7 +2,8 @@
 
 Selections: `--layers` and `--neurons` take "all" or ranges such as "0-3,7" (inclusive), checked
 against the store; `--ids FILE` takes one `LAYER:NEURON` per line (blank lines and # comments
-ignored). Out-of-range ids are refused with the valid range, before anything is sent.
+ignored). Out-of-range ids, and an empty selection or item ("", "0,", "0,,1"), are refused with one
+line, before anything is sent.
 """
 
 from __future__ import annotations
@@ -14,17 +15,26 @@ from pathlib import Path
 from engine.errors import UserError
 
 
+def span(upper: int, what: str) -> str:
+    """The valid indices in words: '0..71', or 'no neurons' for an empty layer."""
+    return f"{what}s 0..{upper - 1}" if upper > 0 else f"no {what}s"
+
+
 def parse_ranges(spec: str, upper: int, what: str, flag: str, where: str = "the store has") -> list[int]:
-    """'all' or 'A-B,C,...' -> sorted distinct ints in [0, upper)."""
-    spec = (spec or "").strip()
+    """'all' or 'A-B,C,...' -> sorted distinct ints in [0, upper). An empty selection or an empty
+    item ('', '0,', '0,,1') is refused: it is a mistake, never a way to say 'all'."""
+    if spec is None or not spec.strip():
+        raise UserError(f"{flag} is empty: give 'all' or a list of {what}s like 0-3,7")
+    spec = spec.strip()
     if spec.lower() == "all":
         return list(range(upper))
     out: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
         if not part:
-            continue
-        m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+))?", part)
+            raise UserError(f"{flag} '{spec}' has an empty item: give a list of {what}s like 0-3,7 "
+                            "(no leading, trailing or doubled commas)")
+        m = re.fullmatch(r"(-?[0-9]+)(?:\s*-\s*(-?[0-9]+))?", part)
         if not m:
             raise UserError(f"{flag} '{spec}' is not 'all' or a list of {what}s like 0-3,7")
         lo = int(m.group(1))
@@ -34,7 +44,7 @@ def parse_ranges(spec: str, upper: int, what: str, flag: str, where: str = "the 
         values = range(lo, hi + 1)
         if lo < 0 or hi >= upper:
             bad = lo if lo < 0 else hi
-            raise UserError(f"{flag}: {what} {bad} out of range: {where} {what}s 0..{upper - 1}")
+            raise UserError(f"{flag}: {what} {bad} out of range: {where} {span(upper, what)}")
         out.update(values)
     if not out:
         raise UserError(f"{flag} '{spec}' selects no {what}s")
@@ -67,8 +77,8 @@ def read_ids(path: str, n_neurons: list[int]) -> list[tuple[int, int]]:
             raise UserError(f"{path} line {lineno}: layer {layer} out of range: the store has layers "
                             f"0..{len(n_neurons) - 1}")
         if not 0 <= neuron < n_neurons[layer]:
-            raise UserError(f"{path} line {lineno}: neuron {neuron} out of range: layer {layer} has neurons "
-                            f"0..{n_neurons[layer] - 1}")
+            raise UserError(f"{path} line {lineno}: neuron {neuron} out of range: layer {layer} has "
+                            f"{span(n_neurons[layer], 'neuron')}")
         if (layer, neuron) not in seen:
             seen.add((layer, neuron))
             out.append((layer, neuron))
@@ -80,14 +90,19 @@ def read_ids(path: str, n_neurons: list[int]) -> list[tuple[int, int]]:
 def select(n_neurons: list[int], layers: str | None = None, neurons: str | None = None, ids: str | None = None,
            limit: int | None = None) -> list[tuple[int, int]]:
     """The (layer, neuron) pairs selected, layer-major. Default: every neuron of every layer."""
-    if ids and (layers or neurons):
+    # None is "not given"; an empty string was given and is refused by the parsers.
+    if ids is not None and (layers is not None or neurons is not None):
         raise UserError("--ids cannot be combined with --layers/--neurons: put every id in the file")
-    if ids:
+    if ids is not None:
+        if not ids.strip():
+            raise UserError("--ids is empty: give a file of LAYER:NEURON lines")
         out = read_ids(ids, n_neurons)
     else:
+        layer_list = parse_ranges("all" if layers is None else layers, len(n_neurons), "layer", "--layers")
         out = []
-        for layer in parse_ranges(layers or "all", len(n_neurons), "layer", "--layers"):
-            for index in parse_ranges(neurons or "all", n_neurons[layer], "neuron", "--neurons", f"layer {layer} has"):
+        for layer in layer_list:
+            for index in parse_ranges("all" if neurons is None else neurons, n_neurons[layer], "neuron", "--neurons",
+                                      f"layer {layer} has"):
                 out.append((layer, index))
     if limit is not None:
         if limit < 1:

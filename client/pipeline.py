@@ -295,9 +295,13 @@ async def simulate_one(ctx: Context, layer: int, index: int) -> tuple[str, str |
 
 
 def score_record(rec: dict, calibration: bool = True) -> dict:
-    """A simulated neuron's file with scores filled in and the best explanation on top."""
+    """A simulated neuron's file with scores filled in and the best explanation on top. A neuron
+    simulated with --no-calibration has no calibration excerpts by design: its R^2 and deviation
+    explained are of the raw 0..10 values (as with `score --no-calibration`), not undefined."""
     rec = dict(rec)
-    split = (rec.get("simulation") or {}).get("split", rec.get("split", "valid"))
+    simulation = rec.get("simulation") or {}
+    split = simulation.get("split", rec.get("split", "valid"))
+    calibration = calibration and simulation.get("calibration", True) is not False
     best = None
     candidates = []
     for c in rec.get("candidates") or []:

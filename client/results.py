@@ -157,7 +157,7 @@ class ResultsGroup:
         now_ = recording_fingerprint(self.store_path)
         if now_ is not None and now_ != made_from:
             raise UserError(f"{self.path} holds results made from another recording (fingerprint {made_from}, "
-                            f"this store's is {now_}): they cannot be scored against this store's activations; "
+                            f"this store's is {now_}): they cannot be scored or shown with this store's activations; "
                             "move them back to their store or delete them")
 
     @classmethod

@@ -75,10 +75,14 @@ class SimOptions:
 # ---------------------------------------------------------------------------------------------
 # Reading a value from a distribution
 
-_VALUE = re.compile(r"\s*(\d+)")
+_VALUE = re.compile(r"\s*([0-9]+)(?:\.0+)?(?=\s|$)")
+"""A value token: a whole number (written "7", " 7", "\t7" or "7.0"), the whole token or up to a
+whitespace character (the token that carries a written value may go on with the line's newline and
+what follows it, "7\n2"). " 7x", "7.5", "7," and "70%" are not values."""
 
 
 def _number(rest: str) -> int | None:
+    """The value 0..10 a token (after its merged prefix) stands for, or None."""
     m = _VALUE.match(rest)
     if not m:
         return None

@@ -58,6 +58,13 @@ def test_a_store_with_no_recording_is_refused(store, tmp_path, fake_server, cli)
     (["--ids", "BAD"], ["line 1", "not LAYER:NEURON"]),
     (["--ids", "IDS", "--layers", "0"], ["cannot be combined"]),
     (["--ids", "MISSING"], ["not found"]),
+    # An empty selection or an empty item is a mistake, never "all".
+    (["--layers", ""], ["--layers is empty"]),
+    (["--layers", "0", "--neurons", " "], ["--neurons is empty"]),
+    (["--layers", "0,"], ["--layers '0,' has an empty item"]),
+    (["--layers", "0", "--neurons", "0,,1"], ["--neurons '0,,1' has an empty item"]),
+    (["--neurons", ",3"], ["--neurons ',3' has an empty item"]),
+    (["--ids", ""], ["--ids is empty"]),
 ])
 def test_neuron_ids_out_of_range_are_refused(store, tmp_path, fake_server, cli, selection, needles):
     (tmp_path / "IDS").write_text("0:3  # fine\n1:500\n")
@@ -153,6 +160,9 @@ def test_a_server_that_cannot_do_the_forced_mode_is_refused_before_any_request(s
 def test_top_and_score_on_a_store_without_explanations(store, cli):
     _one_error_line(*cli("top", store)[::2], "no explanations")
     _one_error_line(*cli("score", store)[::2], "no explanations", "neuronatlas explain")
+    for layers, needle in (("", "--layers is empty"), ("1,", "--layers '1,' has an empty item")):
+        _one_error_line(*cli("top", store, "--layers", layers)[::2], needle)
+        _one_error_line(*cli("score", store, "--layers", layers)[::2], needle)
 
 
 def test_results_files_are_whole_json(store, fake_server, cli):

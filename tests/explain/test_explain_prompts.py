@@ -103,3 +103,18 @@ def test_explanations_are_cleaned(content, expected):
 def test_empty_replies_and_refusals_are_no_explanation(content, refusal):
     with pytest.raises(BadExplanation):
         parse_explanation(_reply(content, refusal))
+
+
+def test_explanations_are_cut_to_the_documented_length(capsys):
+    from client.explain import MAX_EXPLANATION_CHARS
+    from engine.cli import build_parser
+    from tests.atlas.helpers import ROOT
+
+    long = "tokens of " + "very " * 100 + "long lists"
+    assert parse_explanation(_reply(long)) == long[:MAX_EXPLANATION_CHARS] and MAX_EXPLANATION_CHARS == 300
+    assert parse_explanation(_reply("x" * 300)) == "x" * 300
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["explain", "--help"])
+    assert f"cut to {MAX_EXPLANATION_CHARS} characters" in " ".join(capsys.readouterr().out.split())
+    assert f"cut to its first {MAX_EXPLANATION_CHARS} characters" in " ".join(
+        (ROOT / "docs" / "EXPLAIN.md").read_text().split())

@@ -139,3 +139,49 @@ def test_best_of_n_is_chosen_on_calibration_not_on_the_scored_split():
     assert out["score"] < 0.5
     want = [1.0, np.corrcoef(true, bad)[0, 1]]
     assert [c["selection_score"] for c in out["candidates"]] == pytest.approx(want, abs=1e-9)
+
+
+def test_a_simulation_without_calibration_is_scored_on_raw_values():
+    """`simulate --no-calibration` then a plain `score`: R^2 and deviation explained of the raw
+    0..10 values (as documented), not undefined for want of the calibration excerpts it chose not to
+    simulate. A simulation that was meant to have them and has none stays undefined."""
+    true, sim = [0.0, 1.0, 0.0, 2.0, 0.5], [0.0, 5.0, 1.0, 9.0, 2.0]
+    excerpts = [{"split": "valid", "set": "top", "true": true, "sim": sim}]
+
+    def rec(calibration):
+        return {"status": "simulated", "simulation": {"split": "valid", "calibration": calibration},
+                "candidates": [{"explanation": "x", "simulation": {"excerpts": excerpts}}]}
+
+    for out in (score_record(rec(False)), score_record(rec(False), calibration=True), score_record(rec(True), False)):
+        assert out["rsquared"] == pytest.approx(rsquared(true, sim))
+        assert out["absolute_dev_explained"] == pytest.approx(absolute_dev_explained(true, sim))
+        assert out["calibration"] is None and "rsquared" not in (out["undefined"] or {})
+    out = score_record(rec(True))
+    assert out["rsquared"] is None and out["undefined"]["rsquared"] == "no calibration excerpts"
+
+
+def test_score_after_simulate_no_calibration_through_the_cli(store, fake_server, cli):
+    import json
+
+    select = ["--layers", "0", "--neurons", "0-5"]
+    with fake_server() as (server, fake):
+        flags = ["--base-url", server.base_url, "--progress", "off", *select]
+        assert cli("explain", store, "--explainer-model", "m", *flags)[0] == 0
+        rc, _, err = cli("simulate", store, "--no-calibration", *flags)
+        assert rc == 0, err
+    rc, _, err = cli("score", store, *select)  # no --no-calibration: the simulation's own setting holds
+    assert rc == 0, err
+    checked = 0
+    for path in sorted((store / "explanations" / "m__m__v1" / "neurons" / "000").glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec["status"] != "scored" or rec["score"] is None:
+            continue
+        best = next(c for c in rec["candidates"] if c["explanation"] == rec["explanation"])
+        ex = best["simulation"]["excerpts"]
+        assert ex and all(e["split"] == "valid" for e in ex)  # no calibration excerpts were simulated
+        t = np.concatenate([e["true"] for e in ex])
+        y = np.concatenate([e["sim"] for e in ex])
+        assert rec["rsquared"] == pytest.approx(rsquared(t, y)), rec["undefined"]
+        assert rec["absolute_dev_explained"] == pytest.approx(absolute_dev_explained(t, y))
+        checked += 1
+    assert checked >= 2

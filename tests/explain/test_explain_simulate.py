@@ -79,6 +79,19 @@ def test_ten_written_as_two_tokens_is_ten():
         sim.expected_value([("\tcat", -0.1), ("7", -0.2)], "\t")  # "7" lacks the merged tab: not this slot's
 
 
+def test_a_value_is_a_whole_token_not_a_prefix():
+    """" 7x", "7.5", "7," or "70%" is not the value 7; "7", " 7", "7.0" and a value followed by the
+    line's newline (a token "7\n" or "7\n2") are."""
+    for token in ("7", " 7", "\t7", "7.0", "7\n", "7\n2", " 7 "):
+        assert sim.expected_value([(token, -0.1)]) == 7.0, token
+    for token in (" 7x", "7x", "7.5", "7,", "70%", "7.", "x7"):
+        with pytest.raises(sim.SimulationError):
+            sim.expected_value([(token, -0.1)])
+    # Among other alternatives they carry no mass: the expected value is that of the real ones.
+    assert sim.expected_value([(" 7x", -0.01), ("\t2", -1.0), ("\t2.5", -0.5)], "\t") == 2.0
+    assert sim.expected_value([("\t10", -0.7), ("\t1x", -0.1), ("\t0", -0.7)], "\t") == pytest.approx(5.0)
+
+
 def test_prompt_logprobs_line_up_after_a_bos_token():
     slots = sim.prompts.simulate_prompt('the token "a"', [["a", "b"]])
     text = slots.text
