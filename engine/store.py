@@ -503,7 +503,9 @@ class Store:
         g = self._layer(layer)
         n = self.n_neurons[layer]
         if not 0 <= index < n:
-            raise UserError(f"neuron {index} out of range: layer {layer} has neurons 0..{n - 1}")
+            raise UserError(f"neuron {index} out of range: layer {layer} has "
+                            + (f"neurons 0..{n - 1}" if n else "no neurons (a layer missing from the records "
+                               "this store was imported from)" if self.run.get("imported") else "no neurons"))
         count = int(g.attrs["count"])
         stats = _moment_stats(g, count, slice(index, index + 1))
         negatives = "neg_ids" in g

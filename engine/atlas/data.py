@@ -54,17 +54,26 @@ def from_store_dict(d: dict) -> Explanation | None:
     return Explanation(text, _num(score), f"explained by {model}" if model else "store")
 
 
+class BadExplanations(ValueError):
+    """A published explanations file that holds something other than explanations."""
+
+
 def parse_openai_explanations(text: str) -> list[Explanation]:
     """The scored explanations of one published `explanations/{layer}/{neuron}.jsonl` file (a
-    NeuronSimulationResults per line; OpenAI's files hold one line)."""
+    NeuronSimulationResults per line; OpenAI's files hold one line). An explanation that is not a
+    string raises BadExplanations (import refuses the file)."""
     out = []
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         obj = json.loads(line)
-        for e in obj.get("scored_explanations") or obj.get("explanations") or []:
+        field = "scored_explanations" if obj.get("scored_explanations") else "explanations"
+        for i, e in enumerate(obj.get(field) or []):
+            if not isinstance(e.get("explanation"), str):
+                got = json.dumps(e.get("explanation"))[:40] if "explanation" in e else "nothing"
+                raise BadExplanations(f"line {n}: {field}[{i}].explanation is {got}, not a string")
             sim = e.get("scored_simulation") or {}
-            out.append(Explanation(str(e.get("explanation", "")), _num(sim.get("ev_correlation_score")), "imported"))
+            out.append(Explanation(e["explanation"], _num(sim.get("ev_correlation_score")), "imported"))
     return out
 
 
@@ -151,24 +160,23 @@ def is_absent(rec) -> bool:
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """'3', '0,2', '4-7' or None (all) -> sorted layer indices, checked against the store."""
-    if not spec:
+    """'all', '3', '0,2', '4-7' or None (not given: all) -> sorted layer indices, checked against
+    the store. The same parser as the explain commands' (client.neurons.parse_ranges): an empty
+    selection or an empty item is refused, never read as 'all'."""
+    from client.neurons import parse_ranges
+
+    if spec is None:
         return list(range(n_layers))
-    out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
-            elif part:
-                out.add(int(part))
-    except ValueError:
-        raise UserError(f"--layers '{spec}' is not a list of layers like 0,3,5-7") from None
-    bad = [layer for layer in out if not 0 <= layer < n_layers]
-    if bad:
-        raise UserError(f"--layers: layer {bad[0]} out of range: the store has layers 0..{n_layers - 1}")
-    return sorted(out)
+    return parse_ranges(spec, n_layers, "layer", "--layers")
+
+
+def refuse_foreign_results(store) -> None:
+    """Refuse a store holding explain/simulate/score results made from another recording (a results
+    directory copied between stores), with the explain commands' own check and one-line error
+    (client.results.ResultsGroup.check_recording), before anything is shown or written."""
+    from client.results import ResultsGroup
+
+    ResultsGroup.all(store.path)
 
 
 def default_jobs(n_neurons: int) -> int:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -137,6 +138,7 @@ def export_openai(store, out: Path, layers: list[int] | None = None, jobs: int |
     out = Path(out)
     if not store.progress.get("checkpoint"):
         raise UserError(f"store '{store.path}' holds no checkpoint yet: the recording has not reached its first one")
+    data.refuse_foreign_results(store)  # before the old export is replaced
     _prepare_export(out)
     layers = list(range(store.n_layers)) if layers is None else layers
     items = [(layer, i) for layer in layers for i in range(store.n_neurons[layer])]
@@ -192,11 +194,41 @@ def find_layout(src: Path) -> tuple[Path, Path | None]:
                     "expected DIR/collated-activations/LAYER/NEURON.json as OpenAI publishes it")
 
 
-def _numbered(d: Path, suffix: str) -> dict[int, Path]:
-    out = {}
-    for p in d.iterdir():
-        if p.name.endswith(suffix) and p.name[: -len(suffix)].isdigit() and p.is_file():
-            out[int(p.name[: -len(suffix)])] = p
+_NUMBER = re.compile(r"[0-9]+")
+
+
+def _numbered(d: Path, suffix: str, what: str) -> dict[int, Path]:
+    """The files NUMBER`suffix` of directory `d`, by number. Anything else in it (but hidden files,
+    such as .DS_Store) is refused naming it, as is a number given twice ("7" and "07"): a record
+    under a name that is not its number must not be skipped or overwritten in silence."""
+    out: dict[int, Path] = {}
+    for p in sorted(d.iterdir()):
+        if p.name.startswith("."):
+            continue
+        stem = p.name[: -len(suffix)] if p.name.endswith(suffix) else None
+        if stem is None or not _NUMBER.fullmatch(stem) or not p.is_file():
+            raise UserError(f"{p}: not a {what} file named NEURON{suffix} (a number, like 17{suffix}); "
+                            "move it out of the directory and import again")
+        index = int(stem)
+        if index in out:
+            raise UserError(f"{p}: {out[index].name} is neuron {index} too; keep one of them")
+        out[index] = p
+    return out
+
+
+def _layer_dirs(d: Path, what: str) -> dict[int, Path]:
+    """The layer directories (named by a number) of `d`; anything else but hidden files is refused."""
+    out: dict[int, Path] = {}
+    for p in sorted(d.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if not (_NUMBER.fullmatch(p.name) and p.is_dir()):
+            raise UserError(f"{p}: not a layer directory (named by a number, like 0/) of {what}; "
+                            "move it out of the directory and import again")
+        layer = int(p.name)
+        if layer in out:
+            raise UserError(f"{p}: {out[layer].name}/ is layer {layer} too; keep one of them")
+        out[layer] = p
     return out
 
 
@@ -220,9 +252,18 @@ def _records(obj, what: str) -> list[tuple[list[str], np.ndarray]]:
             raise _Bad(f"{what}[{i}] is empty")
         if not all(isinstance(t, str) for t in toks):
             raise _Bad(f"{what}[{i}] has a token that is not a string")
-        if not all(a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)) for a in acts):
-            raise _Bad(f"{what}[{i}] has an activation that is not a number")
-        out.append((toks, np.array([np.nan if a is None else a for a in acts], dtype=np.float64)))
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in acts):
+            bad = next(a for a in acts if not (isinstance(a, (int, float)) and not isinstance(a, bool)))
+            raise _Bad(f"{what}[{i}] has an activation that is not a number ({json.dumps(bad)[:20]})")
+        try:
+            values = np.array(acts, dtype=np.float64)
+        except OverflowError:  # a whole number beyond float64
+            values = np.array([float("inf")])
+        if not np.isfinite(values).all():
+            bad = float(values[~np.isfinite(values)][0])
+            raise _Bad(f"{what}[{i}] has an activation that is not a finite number "
+                       f"({'NaN' if math.isnan(bad) else ('-' if bad < 0 else '') + 'Infinity'})")
+        out.append((toks, values))
     return out
 
 
@@ -428,8 +469,8 @@ def import_openai(src: Path, out: Path, dtype: str = "auto", quantile_probs: lis
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     collated, expl_dir = find_layout(src)
-    layer_dirs = {int(d.name): d for d in collated.iterdir() if d.is_dir() and d.name.isdigit()}
-    files = {layer: _numbered(d, ".json") for layer, d in layer_dirs.items()}
+    layer_dirs = _layer_dirs(collated, "NeuronRecords")
+    files = {layer: _numbered(d, ".json", "NeuronRecord") for layer, d in layer_dirs.items()}
     files = {layer: f for layer, f in files.items() if f}
     n_files = sum(len(f) for f in files.values())
     if not n_files:
@@ -557,18 +598,17 @@ def import_openai(src: Path, out: Path, dtype: str = "auto", quantile_probs: lis
 def _explanation_files(expl_dir: Path) -> list[tuple[int, int, Path]]:
     """The published explanation files (layer, neuron, path), each checked."""
     out = []
-    for d in sorted(expl_dir.iterdir(), key=lambda d: d.name):
-        if not (d.is_dir() and d.name.isdigit()):
-            continue
-        for index, f in sorted(_numbered(d, ".jsonl").items()):
+    for layer, d in sorted(_layer_dirs(expl_dir, "explanations").items()):
+        for index, f in sorted(_numbered(d, ".jsonl", "NeuronSimulationResults").items()):
             try:
                 text = f.read_text(encoding="utf-8")
                 data.parse_openai_explanations(text)
                 ids = [json.loads(line).get("neuron_id") for line in text.splitlines() if line.strip()]
+            except data.BadExplanations as exc:
+                raise UserError(f"{f}: {exc}; expected OpenAI's explanations layout (see docs/ATLAS.md)") from None
             except (ValueError, AttributeError, TypeError):
                 raise UserError(f"{f}: not a NeuronSimulationResults JSON line; expected OpenAI's explanations "
                                 "layout (see docs/ATLAS.md)") from None
-            layer = int(d.name)
             for nid in ids:
                 if isinstance(nid, dict) and (nid.get("layer_index", layer), nid.get("neuron_index", index)) != (layer, index):
                     raise UserError(f"{f}: has neuron_id layer {nid.get('layer_index')} neuron "

@@ -212,6 +212,7 @@ def cmd_show(args) -> int:
     from engine.store import open_store
 
     store = open_store(args.store)
+    data.refuse_foreign_results(store)
     mode = color_mode(args.color, sys.stdout)
     width = args.width or shutil.get_terminal_size((100, 24)).columns
     text = render(store, args.layer, args.neuron, mode, width, args.top, args.random, args.per_quantile,

@@ -155,6 +155,7 @@ def build(store, out: Path, layers: list[int] | None = None, limits: dict | None
     layers = list(range(store.n_layers)) if layers is None else layers
     if not store.progress.get("checkpoint"):
         raise UserError(f"store '{store.path}' holds no checkpoint yet: the recording has not reached its first one")
+    data.refuse_foreign_results(store)  # before the old atlas is replaced
     _prepare(out)
     items = [(layer, i) for layer in layers for i in range(store.n_neurons[layer])]
     jobs = data.default_jobs(len(items)) if jobs is None else max(1, jobs)

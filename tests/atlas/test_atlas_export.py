@@ -14,7 +14,8 @@ from engine.atlas import data
 from engine.atlas.export import export_openai, import_openai, moments_for
 from engine.cli import main
 from engine.store import open_store
-from tests.atlas.helpers import PUBLISHED_EXPLANATIONS, SHARED, published_records, write_published
+from tests.atlas.helpers import (PUBLISHED_EXPLANATIONS, SHARED, explanations_line, published_records,
+                                 write_published)
 
 RECORD_KEYS = ["dataclass_name", "neuron_id", "random_sample", "random_sample_by_quantile", "quantile_boundaries",
                "mean", "variance", "skewness", "kurtosis", "most_positive_activation_records"]
@@ -149,11 +150,12 @@ def bad_layouts(tmp: Path):
     (tmp / "empty").mkdir(parents=True)
     cases["no layout"] = (tmp / "empty", "holds no collated-activations")
 
-    def one(name, text, message):
+    def one(name, text, message, extra=None):
         d = tmp / name
-        p = d / "collated-activations" / "0" / "1.json"
-        p.parent.mkdir(parents=True)
-        p.write_text(text)
+        for rel, content in {"collated-activations/0/1.json": text, **(extra or {})}.items():
+            p = d / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(content)
         cases[name] = (d, message)
 
     rec = published_records()[(0, 1)]
@@ -166,6 +168,28 @@ def bad_layouts(tmp: Path):
     one("bad number", json.dumps({**rec, "mean": "high"}), "'mean' is not a number")
     one("no top records", json.dumps({k: v for k, v in rec.items() if k != "most_positive_activation_records"}),
         "has no most_positive_activation_records")
+
+    def with_activation(value):
+        r = json.loads(json.dumps(rec))
+        r["random_sample"][0]["activations"][1] = value
+        return json.dumps(r)  # NaN and Infinity as Python's json writes them (bare tokens)
+
+    one("nan activation", with_activation(math.nan), "random_sample[0] has an activation that is not a finite number (NaN)")
+    one("infinite activation", with_activation(-math.inf), "not a finite number (-Infinity)")
+    one("null activation", with_activation(None), "random_sample[0] has an activation that is not a number (null)")
+    one("huge activation", with_activation(1e308).replace("1e+308", "1e999"), "not a finite number (Infinity)")
+    good = json.dumps(rec)
+    one("record name not a number", good, "0b.json: not a NeuronRecord file named NEURON.json",
+        {"collated-activations/0/0b.json": good})
+    one("layer name not a number", good, "collated-activations/x: not a layer directory",
+        {"collated-activations/x/0.json": good})
+    one("one neuron twice", good, "1.json: 01.json is neuron 1 too", {"collated-activations/0/01.json": good})
+    expl = json.loads(explanations_line(0, 1, [("cats", 0.5)]))
+    expl["scored_explanations"][0]["explanation"] = 42
+    one("explanation not a string", good, "explanations/0/1.jsonl: line 1: scored_explanations[0].explanation is 42, "
+        "not a string", {"explanations/0/1.jsonl": json.dumps(expl) + "\n"})
+    one("explanation name not a number", good, "explanations/0/one.jsonl: not a NeuronSimulationResults file",
+        {"explanations/0/one.jsonl": explanations_line(0, 1, [("cats", 0.5)])})
     return cases
 
 
@@ -178,6 +202,18 @@ def test_import_bad_input(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, (name, err)
         assert not out.exists(), name  # no damaged store
         assert not [p for p in (tmp_path / "out").glob(".*")], name  # no temporary leftovers
+
+
+def test_import_ignores_hidden_files(published_dir, tmp_path, capsys):
+    """Hidden files (a desktop's .DS_Store) are not records: ignored, not refused."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(published_dir, src)
+    for rel in ("collated-activations/.DS_Store", "collated-activations/0/.DS_Store", "explanations/2/._3.jsonl"):
+        (src / rel).write_text("junk")
+    assert main(["import", str(src), "--out", str(tmp_path / "store"), "--no-progress"]) == 0
+    assert "Imported 3 neurons in 2 layers (2 with explanations)" in capsys.readouterr().out
 
 
 def test_import_refuses_existing_store(imported_store, published_dir, tmp_path, capsys):

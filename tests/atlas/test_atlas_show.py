@@ -112,6 +112,13 @@ def test_bad_neuron(hostile_store, capsys):
     assert "layer 7 out of range" in capsys.readouterr().err
 
 
+def test_a_layer_without_neurons(imported_store, capsys):
+    """Layer 1 is missing from the imported records: it has no neurons (not 'neurons 0..-1')."""
+    assert main(["show", str(imported_store), "1", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "neuron 0 out of range: layer 1 has no neurons" in err and "0..-1" not in err
+
+
 def test_imported_store_shows_explanations(imported_store, capsys):
     assert main(["show", str(imported_store), "0", "0", "--color", "none"]) == 0
     out = capsys.readouterr().out
