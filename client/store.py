@@ -103,13 +103,27 @@ class DeadLetter:
     """Unix time of the last failure."""
 
 
+_TABLES = {"meta", "results", "dead_letters"}
+
+
+def _is_ours(conn: sqlite3.Connection, tables: set[str]) -> bool:
+    """Whether a database's tables are a request store's: only ours, and a `meta` (name, value)
+    that names its schema version (or is empty: a store whose creation was cut short)."""
+    if "meta" not in tables or not tables <= _TABLES:
+        return False
+    if [row[1] for row in conn.execute("PRAGMA table_info(meta)")] != ["name", "value"]:
+        return False
+    names = {name for (name,) in conn.execute("SELECT name FROM meta")}
+    return not names or "schema_version" in names
+
+
 def _connect(path: str, durable: bool, check: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     if check:
-        # Before anything is written (the journal mode included): a database that holds tables
-        # but no `meta` belongs to another program and is left as it is.
+        # Before anything is written (the journal mode included): a database with tables other
+        # than ours, or a `meta` that is not ours, belongs to another program and is left as it is.
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and "meta" not in tables:
+        if tables and not _is_ours(conn, tables):
             conn.close()
             raise StoreError(f"{path} is an SQLite database of another program (tables: "
                              f"{', '.join(sorted(tables)[:5])}), not a request store: pass another --store")

@@ -69,3 +69,20 @@ def test_refuses_what_is_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="another program .*tables: results"):
         RequestStore(str(other))
     assert other.read_bytes() == before and not (tmp_path / "other.sqlite-wal").exists()
+    # Others that keep a `meta` table too: one of (key, value), one of (name, value) that is no
+    # store's, one with our meta beside tables of its own.
+    for n, tables in enumerate([["CREATE TABLE meta(key TEXT, value TEXT)"],
+                                ["CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT)",
+                                 "INSERT INTO meta VALUES ('app', 'photos')"],
+                                ["CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT)",
+                                 "INSERT INTO meta VALUES ('schema_version', '1')", "CREATE TABLE users(id)"]]):
+        other = tmp_path / f"other{n}.sqlite"
+        conn = sqlite3.connect(other)
+        for sql in tables:
+            conn.execute(sql)
+        conn.commit()
+        conn.close()
+        before = other.read_bytes()
+        with pytest.raises(StoreError, match="another program"):
+            RequestStore(str(other))
+        assert other.read_bytes() == before and not (tmp_path / f"other{n}.sqlite-wal").exists()
