@@ -189,14 +189,15 @@ class TokenBucket:
 
     def set_per_minute(self, per_minute: float, burst_s: float, now: float) -> None:
         self._refill(now)
-        learned = self.rate == INF
+        before = self.rate
         self.rate = per_minute / 60.0
         self.burst = max(1.0, self.rate * burst_s)
         self.level = min(self.level, self.burst)
-        if learned:
-            # What went out before the limit was known (the probe) counts against it.
+        if self.rate < before:
+            # What went out under the higher (or unknown) limit, the probe included, counts
+            # against the lower one.
             self._trim(now)
-            self.level = self.burst - self.spent_sum
+            self.level = min(self.level, self.burst - self.spent_sum)
 
 
 class Limits:
@@ -231,7 +232,9 @@ class Limits:
         self.consecutive_429 = 0
         self._recent_trouble: deque[bool] = deque(maxlen=max(n for n, _ in TROUBLE_RULES))
         # With a limit unknown, one request goes alone first: its x-ratelimit-* headers then set the
-        # pace before anything else is sent, instead of a burst that the server refuses.
+        # pace before anything else is sent, instead of a burst that the server refuses. Requests
+        # go one at a time until a reply says something: limit headers, a success (a server
+        # without them) or a 429; an error page or a reset without headers does not.
         self.probing = learn_from_headers and (rpm is None or tpm is None)
         self._changed = asyncio.Event()
 
@@ -288,7 +291,6 @@ class Limits:
 
     def on_headers(self, headers: Mapping[str, str]) -> None:
         """Learn from x-ratelimit-* headers (sent with successes and refusals alike)."""
-        self.probing = False
         self._changed.set()
         if not self.learn:
             return
@@ -296,6 +298,8 @@ class Limits:
         pairs = ((self.requests, self.user_rpm, "requests"), (self.tokens, self.user_tpm, "tokens"))
         for bucket, user, suffix in pairs:
             limit = _int_header(headers, f"x-ratelimit-limit-{suffix}")
+            if limit and limit > 0:
+                self.probing = False
             if limit and limit > 0 and (user is None or limit < user):
                 target = limit * self.headroom / 60.0
                 if abs(bucket.rate - target) > 1e-9:
@@ -339,7 +343,7 @@ class Limits:
             resets = [parse_duration(headers.get(f"x-ratelimit-reset-{name}")) for name in ("requests", "tokens")
                       if _int_header(headers, f"x-ratelimit-remaining-{name}") == 0]
             wait = max((r for r in resets if r), default=None)
-        if wait is None:
+        if not wait or wait <= 0:  # none, or "Retry-After: 0": a pause of nothing would hammer the server
             wait = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (self.consecutive_429 - 1))
         self.pause(wait, "429 from the server")
         self._decrease(sent_at)
@@ -348,8 +352,7 @@ class Limits:
     def on_trouble(self, sent_at: float, retry_after: float | None = None) -> None:
         """A 5xx, timeout or connection failure. Random faults are retried without slowing down;
         when TROUBLE_RULES find the server overloaded, halve what is actually in flight, then judge
-        afresh on new replies."""
-        self.probing = False
+        afresh on new replies. (A probe goes on: the next request goes alone too.)"""
         recent = self._recent_trouble
         recent.append(True)
         if retry_after:
@@ -362,8 +365,7 @@ class Limits:
             recent.clear()
 
     def on_other(self) -> None:
-        """A reply that says nothing about load (a 4xx other than 429, a bad body)."""
-        self.probing = False
+        """A reply that says nothing about load (a 4xx other than 429, a bad body); a probe goes on."""
         self._changed.set()
 
     def _decrease(self, sent_at: float) -> None:

@@ -156,6 +156,48 @@ def test_the_probe_counts_against_the_limit_it_learns():
     assert _most_in_a_second(times, [1] * len(times)) <= 10
 
 
+def test_a_lower_limit_from_the_headers_charges_what_went_out_under_the_users():
+    """--rpm 1200 given, the server's headers say 300: the request that brought them counts
+    against the 300 as well."""
+    clock = [0.0]
+    limits = Limits(rpm=1200, tpm=None, clock=lambda: clock[0])
+    times = [_send_paced(limits, clock, 10)]
+    clock[0] += 0.1  # the reply's latency: the user's limit had room again by then
+    limits.on_headers({"x-ratelimit-limit-requests": "300", "x-ratelimit-remaining-requests": "299"})
+    times += [_send_paced(limits, clock, 10) for _ in range(20)]
+    assert _most_in_a_second(times, [1] * len(times)) <= 5
+
+
+def test_the_probe_goes_on_until_a_reply_says_something():
+    """An error page or a reset without limit headers says nothing about the limit: the next
+    request goes alone too. Limit headers, a success (a server without headers) or a 429 end it."""
+    for end in ("headers", "success", "429"):
+        clock = [0.0]
+        limits = Limits(rpm=None, tpm=None, clock=lambda: clock[0])
+        for _ in range(3):
+            assert limits.delay(1) == 0
+            limits.take(1)
+            assert limits.delay(1) is None  # one at a time
+            limits.release()
+            limits.on_headers({"content-type": "text/html"})
+            limits.on_other() if _ % 2 else limits.on_trouble(clock[0])
+            assert limits.concurrency == 1
+        if end == "headers":
+            limits.on_headers({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "5000"})
+        elif end == "success":
+            limits.on_success(clock[0])
+        else:
+            limits.on_429({}, clock[0])
+        assert limits.concurrency > 1, end
+
+
+def test_a_429_with_retry_after_zero_still_backs_off():
+    limits = Limits(rpm=None, tpm=None, backoff_base_s=0.5, clock=lambda: 0.0)
+    waits = [limits.on_429({"Retry-After": "0"}, 0.0) for _ in range(3)]
+    assert waits == [0.5, 1.0, 2.0] and limits.paused_for() == 2.0
+    assert limits.on_429({"retry-after-ms": "0"}, 0.0) == 4.0
+
+
 def test_large_requests_stay_within_a_token_window():
     """At 60,000 TPM (1,000 tokens a second) requests of 312 tokens cannot go every 0.315 s:
     four of them would land in one second. At most three do, and no fewer go than fit; sent a
