@@ -169,6 +169,10 @@ class Client:
         self._probe: asyncio.Task | None = None   # GET /models: is the server up at all?
         self._probe_done = -math.inf               # when the last probe ended (monotonic)
         self._outage = False                       # a failure found the server answering nobody
+        # Requests that failed without a reply since the last one, on their first counted failure
+        # yet: one alone may be a request the server cannot answer; two or more, a server that
+        # answers nobody.
+        self._silent_keys: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -441,19 +445,24 @@ class Client:
             self.limits.on_trouble(job.sent_at)
             # A server that answers nobody is down, and that is no fault of this request: such
             # failures do not count against --max-attempts (the silence below ends the run). One
-            # that answers others but not this request counts. A connection that was made and then
-            # reset, with nobody else answered meanwhile (the request is alone, or reset on
-            # arrival), asks GET /models whether the server is up: if it is, the reset counts, so
-            # a request the server always drops is dead-lettered, not retried in every rerun.
-            up = self._last_reply >= job.sent_at or (
-                exc.type == "connection" and exc.reached and await self._server_answers())
-            now = time.monotonic()
-            quiet_from = self._last_reply if self._silent_since is None else self._silent_since
-            if now - quiet_from >= self.config.unreachable_s:
-                self._abort(f"no reply from {self.transport.base_url} for {now - quiet_from:.0f} s ({exc.message}); "
-                            "check the server, then run the same command again to resume")
+            # that answers others but not this request counts. When nothing was answered since this
+            # attempt left, and no other request failed meanwhile (it is alone, or always the one
+            # that fails: a reset on arrival, a reply slower than --timeout), GET /models tells:
+            # if the server answers that, the failure counts, so that such a request is
+            # dead-lettered rather than stopping every run on silence.
+            up = self._last_reply >= job.sent_at
+            if not up and exc.reached:
+                if job.counted == 0:
+                    self._silent_keys.add(job.key)
+                if self._silent_keys <= {job.key}:
+                    up = await self._server_answers()
             if not up:
                 self._outage = True
+                now = time.monotonic()
+                quiet_from = self._last_reply if self._silent_since is None else self._silent_since
+                if now - quiet_from >= self.config.unreachable_s:
+                    self._abort(f"no reply from {self.transport.base_url} for {now - quiet_from:.0f} s "
+                                f"({exc.message}); check the server, then run the same command again to resume")
             await self._retry_or_fail(job, RequestError(exc.type, exc.message, retryable=True), None, exc.type,
                                       counts=up)
             return
@@ -492,6 +501,7 @@ class Client:
         go again now rather than after backoffs that doubled while nobody answered."""
         self._last_reply = max(self._last_reply, when)
         self._silent_since = None
+        self._silent_keys.clear()
         if self._outage:
             self._outage = False
             for job in [job for job in self._waiting if job.outage]:
@@ -506,13 +516,11 @@ class Client:
         return await asyncio.shield(self._probe)
 
     async def _run_probe(self) -> bool:
+        # Its answer is no completion: it neither ends the silence nor an outage.
         try:
-            up = await self.transport.answers(min(PROBE_TIMEOUT_S, self.config.timeout_s))
+            return await self.transport.answers(min(PROBE_TIMEOUT_S, self.config.timeout_s))
         finally:
             self._probe_done = time.monotonic()
-        if up:
-            self._heard(self._probe_done)
-        return up
 
     def _check_pause(self) -> None:
         """A pause as long as the per-request deadline (a Retry-After of hours, a limit reset far

@@ -413,6 +413,27 @@ async def test_a_request_reset_on_arrival_is_dead_lettered_even_when_alone(make_
     assert again[0].source == "store" and not again[0].ok and server.snapshot()["received"] == received
 
 
+async def test_a_request_slower_than_the_timeout_is_dead_lettered_even_when_alone(make_server, store_path):
+    """The server answers everyone else, and GET /models, but this request never within --timeout:
+    its timeouts count, it is dead-lettered at --max-attempts and the run ends (as does the rerun,
+    which does not send it again). Several requests timing out with nothing answered between
+    still stop the run (test_a_server_that_never_answers_stops_the_run_at_the_first_timeout)."""
+    async def responder(kind, body):
+        if body["messages"][0]["content"] == "q number 0":
+            await asyncio.sleep(3.0)
+        return default_responder(kind, body)
+
+    server = make_server(responder=responder)
+    config = fast_config(server, store_path, max_attempts=2, timeout_s=0.4, unreachable_s=0.3)
+    requests = chat_requests(3)
+    for _ in range(2):
+        client, results = await run(config, requests)
+        assert client.abort_reason is None
+        assert results[0].error.type == "timeout" and not results[0].ok
+        assert all(r.ok for r in results[1:])
+    assert results[0].source == "store" and server.snapshot()["received"] == 4  # 2 attempts, 2 others
+
+
 async def test_after_an_outage_the_requests_go_again_at_once(make_server, store_path):
     """Backoffs double while nothing answers; the first reply after the outage sends the waiting
     requests again at once instead of after their (up to --backoff-cap) waits."""
