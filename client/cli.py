@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
 
 
@@ -99,8 +100,6 @@ def client_config(args, store_path: str, retry_dead: bool, check: bool = True):
         timeout_s=args.timeout, deadline_s=args.deadline, max_attempts=args.max_attempts, store_path=store_path,
         durable=not args.no_fsync, retry_dead_letters=retry_dead, prices=prices)
     problems = config.problems()
-    if args.max_attempts < 1:
-        problems.append(f"--max-attempts must be at least 1, not {args.max_attempts}")
     if problems and check:
         raise _user_error(problems[0])
     return config
@@ -188,6 +187,7 @@ def batch_command(args) -> int:
     config = client_config(args, store_path, args.retry_dead)
     if os.path.isdir(args.requests):
         raise _user_error(f"{args.requests} is a directory: pass a JSONL file of requests")
+    _check_out(args.out, args.requests)
     try:
         lines = read_requests(args.requests, default_model=args.model)
     except FileNotFoundError:
@@ -226,12 +226,34 @@ def batch_command(args) -> int:
                           "message": d.message} for d in store.dead_letters(keys)}
     finally:
         store.close()
-    write_results(args.out, lines, responses, errors)
+    try:
+        write_results(args.out, lines, responses, errors)
+    except OSError as exc:
+        raise _user_error(f"cannot write {args.out} ({exc.strerror or exc}); the replies are kept in {store_path}: "
+                          "run the same command with another --out to write them (nothing is sent again)") from None
     ok = sum(1 for line in lines if line.request is not None and line.request.key in responses)
     failed = len(lines) - ok
     _say(f"batch: wrote {len(lines):,} result lines to {args.out} ({ok:,} replies, {failed:,} errors); store: "
          f"{store_path}" + (f"; list failures with `neuronatlas dead-letters --store {store_path}`" if errors else ""))
     return 0 if failed == 0 else 1
+
+
+def _check_out(out: str, requests: str) -> None:
+    """Before anything is sent: the result file can be written and is not the request file."""
+    if os.path.isdir(out):
+        raise _user_error(f"--out {out} is a directory: give the path of the result file")
+    if os.path.abspath(out) == os.path.abspath(requests) or (
+            os.path.exists(out) and os.path.exists(requests) and os.path.samefile(out, requests)):
+        raise _user_error(f"--out {out} is the request file: the results would overwrite the requests; "
+                          "give another path")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".neuronatlas-check-"):
+            pass
+    except OSError as exc:
+        raise _user_error(f"cannot write --out {out} ({exc.strerror or exc}): give a path in a writable "
+                          "directory") from None
 
 
 # -- dead letters ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -74,12 +75,16 @@ class ClientConfig:
                        "(--base-url or OPENAI_BASE_URL)")
         if self.api_key is None and self.base_url.rstrip("/") == OPENAI_BASE_URL:
             out.append("no API key for api.openai.com: set OPENAI_API_KEY or pass --api-key")
+        # NaN compares false with everything: each check is written so that NaN fails it.
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                out.append(f"--{name} must be positive, not {value}")
+            if value is not None and not (0 < value < math.inf):
+                out.append(f"--{name} must be a positive number, not {value}")
         if self.max_in_flight < 1:
             out.append(f"--max-in-flight must be at least 1, not {self.max_in_flight}")
-        if self.timeout_s <= 0:
-            out.append(f"--timeout must be positive, not {self.timeout_s}")
+        if self.max_attempts < 1:
+            out.append(f"--max-attempts must be at least 1, not {self.max_attempts}")
+        for flag, value in (("--timeout", self.timeout_s), ("--deadline", self.deadline_s)):
+            if not (0 < value < math.inf):
+                out.append(f"{flag} must be a positive number of seconds, not {value}")
         return out

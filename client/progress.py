@@ -100,10 +100,13 @@ class Progress:
             self._bar.n = self.client.stats.done
             self._bar.set_postfix_str(self.status(), refresh=False)
             self._bar.refresh()
-        elif self.mode == "log" and time.monotonic() - self._last_log >= self.log_every_s:
-            self._last_log = time.monotonic()
-            total = f"/{human(self.total)}" if self.total else ""
-            self.write(f"{self.label}: {human(self.client.stats.done)}{total}: {self.status()}")
+        elif self.mode == "log":
+            if time.monotonic() - self._last_log >= self.log_every_s:
+                self._last_log = time.monotonic()
+                total = f"/{human(self.total)}" if self.total else ""
+                self.write(f"{self.label}: {human(self.client.stats.done)}{total}: {self.status()}")
+            else:
+                self.rates()  # a sample every tick, so that the first line's rates cover the run so far
 
     def close(self) -> None:
         if self._task is not None:
@@ -135,6 +138,9 @@ def summary(client, elapsed_s: float, label: str = "batch") -> str:
     out[0] += "."
     if s.dead_lettered:
         top = "; ".join(f"{n} x {msg}" for msg, n in s.errors.most_common(3))
+        more = len(s.errors) - 3
+        if more > 0:
+            top += f"; and {more} more kind{'s' if more > 1 else ''} of error: see `neuronatlas dead-letters`"
         out.append(f"{human(s.dead_lettered)} dead-lettered this run ({top}).")
     if s.interrupted:
         out.append(f"{human(s.interrupted)} not finished (interrupted; a rerun sends them).")

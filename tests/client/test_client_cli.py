@@ -182,7 +182,8 @@ def test_a_missing_key_for_openai_is_named_before_anything_is_sent(tmp_path, cap
 
 
 @pytest.mark.parametrize("case", ["nothing listens", "key refused", "wrong path", "no model", "no file",
-                                  "bad prices", "bad store"])
+                                  "bad prices", "bad store", "rpm nan", "timeout nan", "deadline -1",
+                                  "attempts 0", "out is a dir", "out is the input", "out under a file"])
 def test_bad_setups_get_one_line_and_exit_2(make_server, tmp_path, capsys, case):
     server = make_server(api_key="right")
     write_requests(tmp_path / "req.jsonl", 3)
@@ -208,14 +209,30 @@ def test_bad_setups_get_one_line_and_exit_2(make_server, tmp_path, capsys, case)
         (tmp_path / "p.json").write_text('{"m": 1}')
         args += ["--prices", str(tmp_path / "p.json")]
         expect = "needs \"input\" and \"output\""
-    else:
+    elif case == "bad store":
         (tmp_path / "junk.sqlite").write_bytes(b"junk" * 1000)
         args += ["--store", str(tmp_path / "junk.sqlite")]
         expect = "not a request store"
+    elif case in ("rpm nan", "timeout nan", "deadline -1", "attempts 0"):
+        flag, value = case.split()
+        args += [{"attempts": "--max-attempts"}.get(flag, f"--{flag}"), value]
+        expect = "must be a positive number" if flag != "attempts" else "must be at least 1"
+    elif case == "out is a dir":
+        (tmp_path / "out.jsonl").mkdir()
+        expect = "is a directory"
+    elif case == "out is the input":
+        args[args.index("--out") + 1] = str(tmp_path / "." / "req.jsonl")
+        expect = "is the request file"
+    else:
+        (tmp_path / "f").write_text("")
+        args[args.index("--out") + 1] = str(tmp_path / "f" / "out.jsonl")
+        expect = "cannot write --out"
+    before = (tmp_path / "req.jsonl").read_bytes()
     assert cli.main(args) == 2
     assert expect in one_error_line(capsys)
     assert server.snapshot()["received"] == 0
-    assert not (tmp_path / "out.jsonl").exists()
+    assert (tmp_path / "out.jsonl").is_dir() if case == "out is a dir" else not (tmp_path / "out.jsonl").exists()
+    assert (tmp_path / "req.jsonl").read_bytes() == before
 
 
 # -- crashes and Ctrl-C: real processes ------------------------------------------------------------

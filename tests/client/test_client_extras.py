@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from client.batch import read_requests
 from client.progress import Progress, summary
 from client.runner import Client
-from client.testserver import spawn
+from client.testserver import ServerError, default_responder, spawn
 from client_testlib import chat_requests, fast_config
 
 lines = st.one_of(
@@ -85,6 +85,27 @@ async def test_progress_and_summary_say_what_happened(make_server):
     text = summary(client, 2.0)
     assert text.startswith("batch: 30 requests in 2s: 30 completed (30 sent), 0 failed.")
     assert f"retries (502: {client.stats.retries['502']})" in text and "Tokens paid" in text
+
+
+async def test_the_first_log_line_has_rates_and_the_summary_says_when_errors_are_left_out(make_server):
+    def responder(kind, body):
+        n = int(body["messages"][0]["content"].split()[-1])
+        if n < 4:
+            raise ServerError(400, f"bad request kind {n}")
+        return default_responder(kind, body)
+
+    server = make_server(responder=responder, latency_ms=20)
+    out = io.StringIO()
+    async with Client(fast_config(server, max_in_flight=4)) as client:
+        log = Progress(client, 80, file=out, mode="log", interval_s=0.01, log_every_s=0.2)
+        log.start()
+        await client.run_many(chat_requests(80))
+        log.close()
+    first = out.getvalue().splitlines()[0]
+    assert " 0 req/min" not in first and "ETA" in first, first
+    text = summary(client, 1.0)
+    assert "4 dead-lettered this run (" in text
+    assert "; and 1 more kind of error: see `neuronatlas dead-letters`)." in text
 
 
 async def test_the_summary_does_not_count_unsent_requests_as_failed(make_server):
