@@ -233,8 +233,8 @@ class Limits:
         self._recent_trouble: deque[bool] = deque(maxlen=max(n for n, _ in TROUBLE_RULES))
         # With a limit unknown, one request goes alone first: its x-ratelimit-* headers then set the
         # pace before anything else is sent, instead of a burst that the server refuses. Requests
-        # go one at a time until a reply says something: limit headers, a success (a server
-        # without them) or a 429; an error page or a reset without headers does not.
+        # go one at a time until a reply says something: limit headers or a success (a server
+        # without them); an error page, a reset or a 429 without headers does not.
         self.probing = learn_from_headers and (rpm is None or tpm is None)
         self._changed = asyncio.Event()
 
@@ -335,8 +335,10 @@ class Limits:
 
     def on_429(self, headers: Mapping[str, str], sent_at: float) -> float:
         """A refusal: pause everyone for the server's Retry-After (or a growing backoff without
-        one) and halve the in-flight cap. Returns the pause in seconds."""
-        self.probing = False
+        one) and halve the in-flight cap. Returns the pause in seconds. With no limit known (none
+        given, none in the headers), requests then go one at a time until one succeeds: after the
+        pause, all those waiting would otherwise go at once and be refused together."""
+        self.probing = self.learn and self.requests.rate == INF and self.tokens.rate == INF
         self.consecutive_429 += 1
         wait = parse_retry_after(headers)
         if wait is None:  # no Retry-After: the reset time of an exhausted limit, if the server says

@@ -169,9 +169,10 @@ def test_a_lower_limit_from_the_headers_charges_what_went_out_under_the_users():
 
 
 def test_the_probe_goes_on_until_a_reply_says_something():
-    """An error page or a reset without limit headers says nothing about the limit: the next
-    request goes alone too. Limit headers, a success (a server without headers) or a 429 end it."""
-    for end in ("headers", "success", "429"):
+    """An error page, a reset or a 429 without limit headers says nothing about the limit: the
+    next request goes alone too. Limit headers or a success (a server without headers) end it;
+    a 429 without headers starts it again."""
+    for end in ("headers", "success"):
         clock = [0.0]
         limits = Limits(rpm=None, tpm=None, clock=lambda: clock[0])
         for _ in range(3):
@@ -184,11 +185,11 @@ def test_the_probe_goes_on_until_a_reply_says_something():
             assert limits.concurrency == 1
         if end == "headers":
             limits.on_headers({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "5000"})
-        elif end == "success":
-            limits.on_success(clock[0])
         else:
-            limits.on_429({}, clock[0])
+            limits.on_success(clock[0])
         assert limits.concurrency > 1, end
+        limits.on_429({}, clock[0])
+        assert limits.concurrency == (1 if end == "success" else limits.max_in_flight // 2), end
 
 
 def test_a_429_with_retry_after_zero_still_backs_off():
