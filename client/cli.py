@@ -247,6 +247,11 @@ def _check_out(out: str, requests: str) -> None:
         raise _user_error(f"--out {out} is the request file: the results would overwrite the requests; "
                           "give another path")
     parent = os.path.dirname(os.path.abspath(out))
+    above = parent
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise _user_error(f"cannot write --out {out}: {above} is a file, not a directory")
     try:
         os.makedirs(parent, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".neuronatlas-check-"):

@@ -226,7 +226,7 @@ def test_bad_setups_get_one_line_and_exit_2(make_server, tmp_path, capsys, case)
     else:
         (tmp_path / "f").write_text("")
         args[args.index("--out") + 1] = str(tmp_path / "f" / "out.jsonl")
-        expect = "cannot write --out"
+        expect = "is a file, not a directory"
     before = (tmp_path / "req.jsonl").read_bytes()
     assert cli.main(args) == 2
     assert expect in one_error_line(capsys)
