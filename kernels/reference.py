@@ -87,9 +87,18 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def seed_key(seed: int, salt: int) -> int:
+    """The 64-bit key that (seed, salt) give the priority hash: splitmix64 of ((seed times the
+    FNV prime, mod 2^64) xor salt). The product is taken mod 2^64 so that every seed of 0..2^63 - 1
+    works (seeds below 2^24 never reached 2^64: their keys are those of the first stores); the
+    prime is odd, so distinct seeds below 2^64 give distinct products."""
+    mixed = ((int(seed) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF) ^ int(salt)
+    return int(_splitmix64(np.array([mixed], dtype=np.uint64))[0])
+
+
 def priorities(ids: np.ndarray, seed: int, salt: int) -> np.ndarray:
     """Non-negative int64 priority of each excerpt id; smaller is sampled first."""
-    key = _splitmix64(np.array([(seed * 0x100000001B3) ^ salt], dtype=np.uint64))[0]
+    key = np.uint64(seed_key(seed, salt))
     return (_splitmix64(np.asarray(ids, dtype=np.uint64) ^ key) >> np.uint64(1)).astype(np.int64)
 
 

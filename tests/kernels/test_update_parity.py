@@ -132,6 +132,16 @@ def test_parity_prefix_ending_with_a_batch_and_wide_samples(seed, device):
     run_sequence(spec, 21, torch.float32, [5, 5, 6, 6, 6, 2], seed, device, block_n=8, rows_per_split=2)
 
 
+@pytest.mark.parametrize("spec_seed", [2**24, 2**40, 2**63 - 1], ids=["2^24", "2^40", "2^63-1"])
+def test_parity_with_large_seeds(spec_seed, seed, device):
+    # Seeds from 2^24 up (their product with the hash's prime passes 2^64) give both backends the
+    # same samples; the quantile buckets fill after a short prefix.
+    spec = ref.ReductionSpec(excerpt_len=4, top_k=2, negatives=False, random_k=4, quantile_k=2,
+                             quantile_prefix=3, hist_bins=3, quantile_probs=(0.5,), seed=spec_seed)
+    want, _ = run_sequence(spec, 9, torch.float32, [4, 4, 4], seed, device, block_n=8, rows_per_split=2)
+    assert (want.quant_ids >= 0).any()
+
+
 def test_parity_lean_moments(seed, device, monkeypatch):
     # TUNING lean=1 (moments merged once per row split): the same state as the reference. Row
     # splits of 3 excerpts leave 1-excerpt splits (nothing after the first excerpt); the 12-row
