@@ -4,14 +4,20 @@ The schema is documented in docs/STORE.md; this module is its only implementatio
 Zarr v3 group. Per-neuron state lives in checkpoint generations (`checkpoints/gNNNNNN`); the root
 attribute `progress.checkpoint` names the committed one. A checkpoint is written in full under a
 new name and only then committed by rewriting the root metadata (zarr writes each key with an
-atomic rename), so a reader always sees one whole checkpoint, never half of one.
+atomic rename), so a reader always sees one whole checkpoint, never half of one. A generation is
+never changed once committed; it is removed by first renaming it away (atomic), so a reader that
+finds it still in place after reading knows that everything it read was whole (see `Store`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
+import os
 import shutil
+import threading
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 from functools import cached_property
@@ -152,15 +158,52 @@ def _layer_arrays(state: dict[str, np.ndarray], negatives: bool):
     return out
 
 
+def _remove_generations(path: Path, keep: Iterable[str]) -> None:
+    """Remove every directory under `checkpoints/` but those named in `keep`. Each is first renamed
+    away in one atomic step, then deleted: a reader never meets a generation half deleted."""
+    ckdir = Path(path) / "checkpoints"
+    if not ckdir.is_dir():
+        return
+    keep = set(keep)
+    for old in list(ckdir.iterdir()):
+        if not old.is_dir() or old.name in keep:
+            continue
+        doomed = old
+        if not old.name.startswith(_DELETING):
+            doomed = ckdir / f"{_DELETING}{old.name}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(old, doomed)
+            except OSError:
+                doomed = old
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+_DELETING = "deleting-"
+"""Prefix of a generation renamed away on its way to deletion."""
+
+
+def _committed_name(root) -> str | None:
+    committed = (root.attrs.get("progress") or {}).get("checkpoint")
+    return committed.split("/")[-1] if committed else None
+
+
 def write_checkpoint(path: Path, generation: int, layers: "Iterable[tuple[dict, int, bool]]",
                      random_ids: np.ndarray, excerpts_done: int, complete: bool, n_layers: int,
-                     negatives: bool) -> None:
+                     negatives: bool, keep_previous: bool = False) -> None:
     """Write generation `generation` in full, then commit it and drop older generations.
 
-    `layers` yields, per layer in order, (host arrays, token count, bounds_ready).
+    `layers` yields, per layer in order, (host arrays, token count, bounds_ready). With
+    `keep_previous` (the periodic checkpoints of a running recording) the generation committed
+    before this one stays until the next checkpoint starts, so that a reader that opened the store
+    just before this commit can finish reading it; the disk then holds two generations between
+    checkpoints, as it does while one is written.
     """
     root = _open_root(path, "r+")
     name = f"g{generation:06d}"
+    previous = _committed_name(root)
+    # Older generations (kept for readers by the last checkpoint, or left by a killed run) go
+    # before the new one is written: the disk never holds more than two.
+    _remove_generations(path, keep=[previous] if previous else [])
     ck = root["checkpoints"].create_group(name, overwrite=True, attributes={
         "generation": generation, "excerpts_done": excerpts_done, "complete": complete,
         "written": _now(), "n_layers": n_layers})
@@ -175,10 +218,7 @@ def write_checkpoint(path: Path, generation: int, layers: "Iterable[tuple[dict, 
     progress.update({"excerpts_done": excerpts_done, "checkpoint": f"checkpoints/{name}",
                      "generation": generation, "complete": complete, "updated": _now()})
     root.attrs["progress"] = progress
-    ckdir = Path(path) / "checkpoints"
-    for old in ckdir.iterdir():
-        if old.is_dir() and old.name.startswith("g") and old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    _remove_generations(path, keep=[name, previous] if keep_previous and previous else [name])
 
 
 def read_checkpoint(path: Path, checkpoint: str, negatives: bool) -> tuple[list[tuple[dict, int, bool]], np.ndarray]:
@@ -209,14 +249,8 @@ _ALL = ("top_max top_ids top_acts neg_min neg_ids neg_acts random_acts prefix_ma
 
 def discard_uncommitted(path: Path) -> None:
     """Remove checkpoint generations that were written but never committed (a killed run)."""
-    root = _open_root(path, "r")
-    committed = (root.attrs.get("progress") or {}).get("checkpoint")
-    keep = committed.split("/")[-1] if committed else None
-    ckdir = Path(path) / "checkpoints"
-    if ckdir.is_dir():
-        for old in ckdir.iterdir():
-            if old.is_dir() and old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+    keep = _committed_name(_open_root(path, "r"))
+    _remove_generations(path, keep=[keep] if keep else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +394,12 @@ class _OpenLayer:
     def __init__(self, group):
         self._group = group
         self.attrs = dict(group.attrs)
-        self._names = set(group.array_keys())
+        with warnings.catch_warnings():
+            # A generation renamed away by a recording while this lists it: zarr warns about each
+            # entry it can no longer read. Store._whole_read sees the generation gone and reads
+            # the newer one; a damaged store fails on the missing array itself.
+            warnings.simplefilter("ignore")
+            self._names = set(group.array_keys())
         self._arrays: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -381,16 +420,27 @@ def _damaged(path, exc: BaseException) -> UserError:
     return UserError(f"store '{path}' is damaged or incomplete ({what}); restore it from a copy or record it again")
 
 
+_READ_TRIES = 20
+"""Times one read starts again on a newer checkpoint before giving up (each try follows the newest
+one, which a recording keeps for at least one --checkpoint-every interval)."""
+
+
 def _guarded(method):
-    """Turn a damaged store's low-level errors into one UserError naming the store."""
+    """Turn a damaged store's low-level errors into one UserError naming the store, and make a read
+    of the checkpoint whole while a recording replaces it: a call that read a generation which is
+    gone afterwards (or failed because it went) starts again on the newest committed one. Only a
+    store whose committed checkpoint itself is missing or broken is reported damaged. Calls made
+    inside another guarded call leave all of this to the outermost one."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        try:
+        local = self._local
+        if getattr(local, "busy", False):
             return method(self, *args, **kwargs)
-        except UserError:
-            raise
-        except _DAMAGE as exc:
-            raise _damaged(self.path, exc) from None
+        local.busy = True
+        try:
+            return self._whole_read(method, args, kwargs)
+        finally:
+            local.busy = False
     return wrapper
 
 
@@ -424,7 +474,49 @@ class Store:
         self.attrs = attrs
         self.run: dict = attrs["run"]
         self.progress: dict = attrs["progress"]
+        """The progress of the checkpoint this Store reads (newer after a recording replaced it)."""
         self._layers: dict[int, object] = {}
+        self._local = threading.local()
+
+    # -- reading while a recording writes ----------------------------------------------------
+    def _whole_read(self, method, args, kwargs):
+        for _ in range(_READ_TRIES):
+            seen = self.progress.get("checkpoint")
+            self._local.touched = False
+            try:
+                result = method(self, *args, **kwargs)
+            except UserError:
+                raise
+            except _DAMAGE as exc:
+                if self._follow(seen):
+                    continue
+                raise _damaged(self.path, exc) from None
+            # A committed generation never changes and is renamed away before it is deleted: if it
+            # is still in place now, everything this call read from it was whole.
+            if not self._local.touched or not seen or (self.path / seen / "zarr.json").is_file():
+                return result
+            if not self._follow(seen):
+                raise _damaged(self.path, FileNotFoundError(f"its committed checkpoint '{seen}' is missing"))
+        raise UserError(f"store '{self.path}' got {_READ_TRIES} new checkpoints while one read ran (a recording with a "
+                        "very short --checkpoint-every is writing it); try again")
+
+    def _follow(self, seen: str | None) -> bool:
+        """Re-read the root attributes; if a recording has committed a checkpoint other than `seen`
+        since, read that one from now on and return True."""
+        try:
+            root = _open_root(self.path, "r")
+            attrs = dict(root.attrs)
+        except _DAMAGE:
+            return False
+        progress = attrs.get("progress")
+        if not isinstance(progress, dict) or not isinstance(attrs.get("run"), dict) \
+                or progress.get("checkpoint") in (None, seen):
+            return False
+        self._root, self.attrs, self.run, self.progress = root, attrs, attrs["run"], progress
+        self._layers = {}
+        for name in ("random_ids", "token_ids"):  # cached from the checkpoint left behind
+            self.__dict__.pop(name, None)
+        return True
 
     # -- run level --------------------------------------------------------------------------
     @property
@@ -466,11 +558,20 @@ class Store:
 
     @_guarded
     def tokens(self, excerpt_id: int) -> list[str]:
+        """The token strings of excerpt `excerpt_id` (0 <= id < excerpts_done; negative ids count
+        from the end)."""
+        i, n = _index(excerpt_id, "excerpt id"), len(self.token_ids)
+        if not -n <= i < n:
+            raise UserError(f"excerpt {i} out of range: the store has "
+                            + (f"excerpts 0..{n - 1}" if n else "no recorded excerpts yet"))
         vocab = self.vocab
-        return [vocab[t] if 0 <= t < len(vocab) else "<unk>" for t in self.token_ids[int(excerpt_id)]]
+        return [vocab[t] if 0 <= t < len(vocab) else "<unk>" for t in self.token_ids[i]]
 
     def _checkpoint(self):
+        self._local.touched = True
         ck = self.progress.get("checkpoint")
+        if not ck and self._follow(None):  # opened before the recording's first checkpoint
+            ck = self.progress.get("checkpoint")
         if not ck:
             raise UserError(f"store '{self.path}' holds no checkpoint yet: the recording has not reached its first one")
         return self._root[ck]
@@ -480,6 +581,7 @@ class Store:
         layer = _index(layer, "layer")
         if not 0 <= layer < self.n_layers:
             raise UserError(f"layer {layer} out of range: the store has layers 0..{self.n_layers - 1}")
+        self._local.touched = True
         if layer not in self._layers:
             self._layers[layer] = _OpenLayer(self._checkpoint()[f"layers/{layer:03d}"])
         return self._layers[layer]

@@ -157,3 +157,87 @@ def test_write_failure_keeps_store_and_resumes(tiny_models, corpus_file, tmp_pat
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert_same_store(tmp_path / "ref", out)
+
+
+def assert_whole(s, rec) -> None:
+    """A neuron record that belongs to the checkpoint its Store reads."""
+    e = s.excerpts_done
+    tops = [max(r.activations) for r in rec.most_positive_activation_records]
+    assert tops == sorted(tops, reverse=True) and len(tops) == min(4, e)
+    assert all(0 <= r.excerpt_id < e for r in rec.most_positive_activation_records + rec.random_sample)
+    # Every excerpt is counted once the prefix has set the histogram's range.
+    assert sum(rec.histogram) == (e if e >= s.spec["quantile_prefix"] else 0)
+
+
+def test_reading_while_recording(tiny_models, corpus_file, tmp_path):
+    """Readers of a store that a recording checkpoints after every batch: fresh ones polling, and
+    one opened at the first checkpoint and held while that checkpoint is replaced and deleted.
+    Every read succeeds and is whole."""
+    out = tmp_path / "live"
+    args = args_for(tiny_models["gpt2"], corpus_file, out, every=0)
+    for option, value in (("--quantile-prefix", "8"), ("--max-excerpts", "56"), ("--batch-size", "8")):
+        args[args.index(option) + 1] = value  # 7 checkpoints
+    proc = start(args)
+    try:
+        wait_for_checkpoint(proc, out, at_least=1)
+        held = open_store(out)
+        first = held.progress["checkpoint"]
+        assert_whole(held, held.neuron(1, 3))
+        seen, reads = 0, 0
+        while proc.poll() is None or reads < 3:
+            s = open_store(out)
+            assert s.excerpts_done >= seen  # never back to an older checkpoint
+            seen = s.excerpts_done
+            assert_whole(s, s.neuron(1, reads % 72))
+            assert s.layer_summary(0)["max"].shape == (72,)
+            reads += 1
+            time.sleep(0.05)  # leave the recording some CPU
+        assert proc.wait(timeout=120) == 0, proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    final = open_store(out)
+    assert final.complete and final.excerpts_done == 56
+    assert [d.name for d in (out / "checkpoints").iterdir() if d.is_dir()] == [final.progress["checkpoint"].split("/")[1]]
+    # The held Store's checkpoint is gone (unless the run ended with it): it reads the last one.
+    assert first == final.progress["checkpoint"] or not (out / first).exists()
+    assert_whole(held, held.neuron(1, 3))
+    assert held.progress == final.progress
+
+
+def test_a_store_held_across_checkpoints(tiny_models, corpus_file, tmp_path):
+    """An open Store whose checkpoint a recording replaces (kept for one more checkpoint, then
+    deleted) reads the newest one; only a committed checkpoint that is missing is damage."""
+    import shutil
+
+    from engine import UserError
+    from engine import store as st
+
+    out = tmp_path / "s"
+    cfg = config_for(tiny_models["gpt2"], corpus_file, out)
+    cfg.max_excerpts = 24
+    record(cfg, log=lambda *_: None)
+    held = open_store(out)
+    first, gen = held.progress["checkpoint"], held.progress["generation"]
+    before = held.neuron(1, 3)
+    layers, random_ids = st.read_checkpoint(out, first, negatives=False)
+    for arrays, _, _ in layers:
+        arrays["amax"] = arrays["amax"] + 1  # the next checkpoints hold other values
+    # Two periodic checkpoints, as a running recording writes them.
+    st.write_checkpoint(out, gen + 1, layers, random_ids, 24, False, 2, False, keep_previous=True)
+    assert (out / first).is_dir(), "the checkpoint before the newest one stays for readers"
+    assert held.neuron(1, 3) == before
+    st.write_checkpoint(out, gen + 2, layers, random_ids, 24, False, 2, False, keep_previous=True)
+    assert not (out / first).exists()
+    assert sorted(d.name for d in (out / "checkpoints").iterdir() if d.is_dir()) == [f"g{gen + 1:06d}", f"g{gen + 2:06d}"]
+    rec = held.neuron(1, 3)
+    assert held.progress["checkpoint"] == f"checkpoints/g{gen + 2:06d}"
+    assert rec.max == before.max + 1 and rec.most_positive_activation_records == before.most_positive_activation_records
+    assert held.layer_summary(1)["max"][3] == rec.max
+    # A committed checkpoint deleted by hand is damage, not a newer checkpoint.
+    shutil.rmtree(out / held.progress["checkpoint"])
+    with pytest.raises(UserError, match="is damaged or incomplete"):
+        held.neuron(1, 4)
+    with pytest.raises(UserError, match="is damaged or incomplete"):
+        open_store(out).layer_summary(0)
