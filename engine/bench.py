@@ -113,7 +113,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, random_weig
     identity = {"name": display, "model_type": config.model_type, "architecture": arch.name,
                 "n_layers": len(modules), "n_neurons": n_neurons, "d_model": d_model,
                 "n_parameters": int(sum(p.numel() for p in model.parameters())),
-                "vocab_size": int(config.vocab_size)}
+                "vocab_size": int(config.vocab_size), "context": models.context_length(config)}
     return models.LoadedModel(model, None, arch, modules, n_neurons, identity)
 
 
@@ -322,8 +322,16 @@ def default_backends(device: torch.device, fusable: bool) -> list[str]:
 def run(cfg: BenchConfig, log=print) -> dict:
     """Measure `cfg`; returns {"env", "model", "rows", "updates"} (what --out writes as JSON)."""
     from engine.models import parse_dtype
-    from engine.recorder import resolve_device
+    from engine.recorder import check_context, check_options, resolve_device
 
+    # The options that record takes too are checked by record's own rules.
+    check_options(excerpt_len=cfg.excerpt_len, top_k=cfg.top_k, quantile_prefix=cfg.quantile_prefix)
+    if cfg.steps < 1 or cfg.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    if not cfg.modes:
+        raise UserError("--modes must name eager and/or compiled")
+    if cfg.backends is not None and not cfg.backends:
+        raise UserError("--backends must name at least one backend (or leave it out for the default)")
     device = resolve_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
     from kernels import select_update
@@ -341,6 +349,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise UserError("--batch-sizes must list positive integers")
     lm = build_model(cfg.model, device, dtype, cfg.random_weights)
+    check_context(cfg.excerpt_len, False, lm.identity.get("context"))  # bench feeds no BOS token
     from engine import fuse
 
     fused_plan, why = fuse.plan_fusion(lm)
@@ -481,11 +490,34 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     from engine.recorder import resolve_device
 
     device = resolve_device(args.device)
+    if args.batch_sizes is not None and not args.batch_sizes:
+        raise UserError("--batch-sizes must list positive integers")
     sizes = args.batch_sizes or ([256] if device.type == "cuda" else [8])
     return BenchConfig(model=args.model, random_weights=args.random_weights, batch_sizes=sizes, modes=args.modes,
                        backends=args.backends, excerpt_len=args.excerpt_len, top_k=args.top_k,
                        quantile_prefix=args.quantile_prefix, dtype=args.dtype, device=args.device,
                        steps=args.steps, warmup=args.warmup, compile_backend=args.compile_backend)
+
+
+def check_out(path: str) -> None:
+    """Refuse an --out that cannot be written, before anything is measured (it is written last):
+    an existing file is opened for appending (nothing changes), a new one is created and removed."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--out '{path}' is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise UserError(f"cannot write '{path}': '{p.parent}' is not a directory")
+    existed = p.exists()
+    try:
+        with open(p, "a"):
+            pass
+        if not existed:
+            os.unlink(p)
+    except OSError as exc:
+        raise UserError(f"cannot write '{path}': {exc.strerror or exc}") from None
 
 
 def write_json(result: dict, path: str) -> None:
@@ -506,8 +538,8 @@ def register(sub) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if cfg.steps < 1 or cfg.warmup < 0:
-        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    if args.out:
+        check_out(args.out)
     result = run(cfg, log=lambda m: print(m, file=sys.stderr))
     print(table(result))
     if args.out:

@@ -24,13 +24,13 @@ def register(sub) -> None:
     p.add_argument("--quantile-k", type=int, default=10, help="excerpts sampled per quantile bucket (default 10)")
     p.add_argument("--quantile-prefix", type=int, default=2048,
                    help="excerpts whose maxima set quantile boundaries and histogram range "
-                   "(default 2048, at most a quarter of the corpus)")
+                   "(default 2048; at least 1, at most a quarter of the corpus)")
     p.add_argument("--hist-bins", type=int, default=64, help="histogram bins of excerpt maxima (default 64)")
     neg = p.add_mutually_exclusive_group()
     neg.add_argument("--negatives", dest="negatives", action="store_true", default=None,
                      help="also keep the most negative excerpts (default for gated models)")
     neg.add_argument("--no-negatives", dest="negatives", action="store_false")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random and quantile samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random and quantile samples, 0 to 2^63 - 1 (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="excerpts per forward pass (default 64)")
     p.add_argument("--max-excerpts", type=int, default=None, help="record at most this many excerpts")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

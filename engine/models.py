@@ -222,8 +222,22 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: st
         "context": context_length(config),
         "vocab_embedded": int(model.get_input_embeddings().num_embeddings),
         "weights": weights_fingerprint(model),
+        "local_dir": local_dir(name),
     }
     return LoadedModel(model, tokenizer, arch, modules, n_neurons, identity)
+
+
+def local_dir(name: str) -> str | None:
+    """The absolute, resolved path of a local model (directory or .gguf file) named `name`, or None
+    for a hub id and the embedded default: what makes 'models/x', './models/x/' and '/abs/models/x'
+    one model wherever the command runs."""
+    if name in (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct"):
+        return None
+    try:
+        p = Path(name).expanduser()
+        return str(p.resolve()) if p.exists() else None
+    except (OSError, RuntimeError):
+        return None
 
 
 def context_length(config) -> int | None:

@@ -230,31 +230,49 @@ def _identity(cfg: RecordConfig, lm: LoadedModel, corpus: Corpus, spec: ref.Redu
     return json.loads(json.dumps(identity))  # as the store will give it back (lists, not tuples)
 
 
-def _same_local_path(a, b) -> bool:
-    if not isinstance(a, str) or not isinstance(b, str) or a == b:
+def _same_local_model(old_run_model: dict, old_name, new_name, new_local: str | None) -> bool:
+    """Whether the store's model `old_name` and the asked `new_name` (a local model at `new_local`)
+    are one local model spelled two ways: models/x, ./models/x/ and /abs/models/x, from any working
+    directory. Hub ids are compared as they are (new_local None). The weights' fingerprint, compared
+    apart, checks the content."""
+    if new_local is None or not isinstance(old_name, str) or old_name == new_name:
         return False
-    try:
-        pa, pb = Path(a).expanduser(), Path(b).expanduser()
-        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-    except OSError:
-        return False
+    if isinstance(old_run_model.get("local_dir"), str):
+        return old_run_model["local_dir"] == new_local
+    # A store from before local_dir was kept: its name as typed, relative to a working directory
+    # that is not known. The same path from here, or a relative name that ends the asked path.
+    from engine.models import local_dir
+
+    if local_dir(old_name) == new_local:
+        return True
+    old_parts = Path(os.path.normpath(old_name)).parts
+    return (not Path(old_name).is_absolute() and ".." not in old_parts
+            and Path(new_local).parts[-len(old_parts):] == old_parts)
 
 
-def _check_identity(path: Path, identity: dict) -> dict:
+def _check_identity(path: Path, identity: dict, new_local: str | None = None) -> dict:
     s = st.open_store(path)
     old = s.run.get("identity", {})
     if isinstance(old.get("model"), dict) and "weights" not in old["model"]:
         identity = dict(identity, model={k: v for k, v in identity["model"].items() if k != "weights"})  # older stores
-    if isinstance(old.get("model"), dict) and _same_local_path(old["model"].get("name"), identity["model"]["name"]):
-        # models/x, ./models/x/ and /abs/models/x are one model (the weights' fingerprint checks the content)
+    if isinstance(old.get("model"), dict) and _same_local_model(s.run.get("model") or {}, old["model"].get("name"),
+                                                               identity["model"]["name"], new_local):
         identity = dict(identity, model=dict(identity["model"], name=old["model"]["name"]))
-    for key in ("model", "dtype", "bos", "corpus", "spec"):
-        if old.get(key) != identity[key]:
-            if isinstance(old.get(key), dict) and isinstance(identity[key], dict):
-                diff = [k for k in identity[key] if old[key].get(k) != identity[key][k]]
-                detail = ", ".join(f"{key}.{k}: store has {old[key].get(k)!r}, asked {identity[key][k]!r}" for k in diff[:2])
+
+    def without_weights(model):
+        return {k: v for k, v in model.items() if k != "weights"} if isinstance(model, dict) else model
+
+    # The dtype before the weights: weights loaded in another dtype have another fingerprint.
+    checks = [("model", without_weights(old.get("model")), without_weights(identity["model"])),
+              ("dtype", old.get("dtype"), identity["dtype"])]
+    checks += [(key, old.get(key), identity[key]) for key in ("model", "bos", "corpus", "spec")]
+    for key, have, want in checks:
+        if have != want:
+            if isinstance(have, dict) and isinstance(want, dict):
+                diff = [k for k in want if have.get(k) != want[k]]
+                detail = ", ".join(f"{key}.{k}: store has {have.get(k)!r}, asked {want[k]!r}" for k in diff[:2])
             else:
-                detail = f"{key}: store has {old.get(key)!r}, asked {identity[key]!r}"
+                detail = f"{key}: store has {have!r}, asked {want!r}"
             raise UserError(
                 f"'{path}' holds another run ({detail}); use a new --out or the same settings to resume"
             )
@@ -347,7 +365,9 @@ class _CheckpointWriter:
     def submit(self, generation: int, layers: list, random_ids: np.ndarray, done: int, complete: bool,
                background: bool) -> None:
         self.wait()
-        args = (generation, layers, random_ids, done, complete)
+        # A periodic checkpoint keeps the one before it for readers (`store.write_checkpoint`);
+        # the last one of a run leaves only itself.
+        args = (generation, layers, random_ids, done, complete, background)
         if not background:
             self._write(*args)
             self.wait()
@@ -357,10 +377,10 @@ class _CheckpointWriter:
         self._thread = threading.Thread(target=self._write, args=args, name="checkpoint", daemon=True)
         self._thread.start()
 
-    def _write(self, generation, layers, random_ids, done, complete) -> None:
+    def _write(self, generation, layers, random_ids, done, complete, keep_previous) -> None:
         try:
             st.write_checkpoint(self.out, generation, layers, random_ids, done, complete, self.n_layers,
-                                self.negatives)
+                                self.negatives, keep_previous=keep_previous)
         except OSError as exc:
             st.discard_uncommitted(self.out)
             self._error = exc
@@ -596,22 +616,44 @@ def _store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+_OPTION_RULES = {
+    "excerpt_len": (lambda v: v >= 1, "--excerpt-len must be at least 1"),
+    "batch_size": (lambda v: v >= 1, "--batch-size must be at least 1"),
+    "top_k": (lambda v: v >= 1, "--top-k must be at least 1"),
+    "random_k": (lambda v: v >= 0, "--random-k must be at least 0"),
+    "quantile_k": (lambda v: v >= 0, "--quantile-k must be at least 0"),
+    "quantile_prefix": (lambda v: v >= 1, "--quantile-prefix must be at least 1 excerpt"),
+    "max_excerpts": (lambda v: v is None or v >= 1, "--max-excerpts must be at least 1"),
+    "hist_bins": (lambda v: v >= 1, "--hist-bins must be at least 1"),
+    "checkpoint_every": (lambda v: v >= 0, "--checkpoint-every must be a number of seconds, at least 0"),  # NaN fails
+    "seed": (lambda v: 0 <= v < 2**63, "--seed must be an integer from 0 to 2^63 - 1"),
+}
+"""The rule of each recording option and the line that refuses a value breaking it (record and bench)."""
+
+
+def check_options(**values) -> None:
+    """Refuse (UserError, one line) the first of the recording options given by name whose value
+    breaks its rule in `_OPTION_RULES`. Nothing is loaded or written before this."""
+    for name, value in values.items():
+        ok, message = _OPTION_RULES[name]
+        if not ok(value):
+            raise UserError(message)
+
+
+def check_context(excerpt_len: int, bos: bool, context: int | None) -> None:
+    """Refuse excerpts (plus a BOS token) longer than the model's context of `context` positions."""
+    if context is not None and excerpt_len + int(bos) > context:
+        raise UserError(f"--excerpt-len {excerpt_len}{' plus the BOS token' if bos else ''} is longer than the "
+                        f"model's context of {context} positions; use at most {context - int(bos)}")
+
+
 def record(cfg: RecordConfig, log=print) -> Summary:
     """Record `cfg.model` over `cfg.corpus` into the store `cfg.out` (resuming if it holds this run)."""
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if cfg.top_k < 1 or cfg.random_k < 0 or cfg.quantile_k < 0:
-        raise UserError("--top-k must be at least 1, sample sizes at least 0")
-    if cfg.max_excerpts is not None and cfg.max_excerpts < 1:
-        raise UserError("--max-excerpts must be at least 1")
-    if cfg.hist_bins < 1:
-        raise UserError("--hist-bins must be at least 1")
-    if not cfg.checkpoint_every >= 0:  # (also refuses NaN)
-        raise UserError("--checkpoint-every must be a number of seconds, at least 0")
-    if not 0 <= cfg.seed < 2**63:
-        raise UserError("--seed must be an integer from 0 to 2^63 - 1")
+    check_options(excerpt_len=cfg.excerpt_len, batch_size=cfg.batch_size, top_k=cfg.top_k, random_k=cfg.random_k,
+                  quantile_k=cfg.quantile_k, quantile_prefix=cfg.quantile_prefix, max_excerpts=cfg.max_excerpts,
+                  hist_bins=cfg.hist_bins, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
     exists = _prepare_out(out)
     device = resolve_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
@@ -629,10 +671,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     bos = use_bos(cfg.bos, tokenizer)
     lm = load_model(cfg.model, device, dtype, cfg.revision, tokenizer=tokenizer)
     # Checked before the store exists, so that the corrected command is not refused as another run.
-    context = lm.identity["context"]
-    if context is not None and cfg.excerpt_len + int(bos) > context:
-        raise UserError(f"--excerpt-len {cfg.excerpt_len}{' plus the BOS token' if bos else ''} is longer than the "
-                        f"model's context of {context} positions; use at most {context - int(bos)}")
+    check_context(cfg.excerpt_len, bos, lm.identity["context"])
     top_id = max(int(corpus.tokens.max()) if corpus.tokens.size else 0,
                  tokenizer.bos_token_id if bos and tokenizer.bos_token_id is not None else 0)
     if top_id >= lm.identity["vocab_embedded"]:
@@ -667,7 +706,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
 
     L = len(lm.modules)
     if exists:
-        progress = _check_identity(out, identity)
+        progress = _check_identity(out, identity, lm.identity.get("local_dir"))
         st.discard_uncommitted(out)
     else:
         run = {"identity": identity, "model": lm.identity, "tokenizer": type(tokenizer).__name__,

@@ -115,6 +115,10 @@ def test_store_of_another_run_is_refused_and_untouched(capsys, tmp_path, tiny_mo
     other.write_text("\n\n".join(corpus_texts(80, seed=9)))
     expect_error(capsys, "holds another run", "--model", tiny_models["gpt2"], "--corpus", other,
                  "--out", out, "--max-excerpts", 40, "--top-k", 3)
+    # Another dtype is named as such, not as the weights' fingerprint it also changes.
+    line = expect_error(capsys, "(dtype: store has 'float32', asked 'bfloat16')", "--model", tiny_models["gpt2"],
+                        "--corpus", corpus_file, "--out", out, "--max-excerpts", 40, "--top-k", 3, "--dtype", "bfloat16")
+    assert "weights" not in line
     assert tree_digest(out) == before
     # The same command again finds the run complete and changes nothing.
     rc, _ = run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", out,
@@ -178,6 +182,9 @@ def test_info_and_reader_errors(capsys, tmp_path, tiny_models, corpus_file):
         s.neuron(0, 48)
     with pytest.raises(IndexError):
         s.token_ids[30]
+    with pytest.raises(UserError, match=r"excerpt 1000000 out of range: the store has excerpts 0\.\.29$"):
+        s.tokens(10**6)
+    assert s.tokens(-1) == s.tokens(29)
     assert s.token_ids[29].shape == (12,) and np.asarray(s.token_ids).shape == (30, 12)
 
 
@@ -217,6 +224,8 @@ def test_options_checked_before_the_store_exists(capsys, tmp_path, tiny_models, 
     expect_error(capsys, "--hist-bins must be at least 1", *common, "--hist-bins", 0)
     expect_error(capsys, "--seed must be an integer from 0", *common, "--seed", -1)
     expect_error(capsys, "--seed must be an integer from 0", *common, "--seed", 2**64)
+    expect_error(capsys, "--quantile-prefix must be at least 1", *common, "--quantile-prefix", 0)
+    expect_error(capsys, "--quantile-prefix must be at least 1", *common, "--quantile-prefix", -1)
     expect_error(capsys, "is not supported", *common, "--device", "meta")
     # The tiny GPT-2 has 128 learned positions: 200 tokens (or 128 and a BOS) cannot be fed to it.
     line = run(capsys, *common, "--excerpt-len", 200)[1][0]
@@ -304,6 +313,21 @@ def test_the_same_model_by_another_spelling_of_its_path_resumes(capsys, tmp_path
     # The same directory as ./NAME/ and as an absolute path: the same run (complete, nothing to do).
     assert run(capsys, "--model", f"./{name}/", *common, "--max-excerpts", 40)[0] == 0
     assert run(capsys, "--model", tiny_models["gpt2"].resolve(), *common, "--max-excerpts", 40)[0] == 0
+    # From another working directory: the absolute path, and a relative one from there.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run(capsys, "--model", tiny_models["gpt2"].resolve(), *common, "--max-excerpts", 40)[0] == 0
+    assert run(capsys, "--model", Path("..") / ".." / tiny_models["gpt2"].parent.name / name, *common,
+               "--max-excerpts", 40)[0] == 0
+    # A store from before the resolved directory was kept (only the name as typed): the same.
+    meta = json.loads((out / "zarr.json").read_text())
+    del meta["attributes"]["run"]["model"]["local_dir"]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    assert run(capsys, "--model", tiny_models["gpt2"].resolve(), *common, "--max-excerpts", 40)[0] == 0
+    # Another local model is still another run.
+    expect_error(capsys, "holds another run (model.name", "--model", tiny_models["llama"].resolve(), *common,
+                 "--max-excerpts", 40)
 
 
 def test_a_forward_pass_that_fails_mid_run_keeps_the_checkpoint(capsys, tmp_path, tiny_models, corpus_file,

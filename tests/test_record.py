@@ -129,6 +129,31 @@ def test_store_equals_brute_force(arch, tiny_models, corpus_file, tmp_path):
     assert checked_buckets > 0
 
 
+def test_priorities_of_every_seed(tiny_models, corpus_file, tmp_path):
+    ids = np.arange(3)
+    # Seeds below 2^24 keep the priorities of the stores recorded before larger seeds worked, so
+    # that those stores resume with the same samples.
+    assert priorities(ids, 0, RANDOM_SALT).tolist() == [8629184034409012729, 9134828769460989189, 3730254823819611669]
+    assert priorities(ids, 5, RANDOM_SALT).tolist() == [430869920891027906, 980610439884341498, 8377941274728943012]
+    assert priorities(ids, 2**24 - 1, RANDOM_SALT)[0] == 8575349608290412762
+    big = [2**24, 2**40, 2**63 - 1]
+    for seed in big:
+        for salt in (RANDOM_SALT, QUANTILE_SALT):
+            p = priorities(np.arange(1000), seed, salt)
+            assert p.dtype == np.int64 and (p >= 0).all() and len(set(p.tolist())) == 1000
+    assert len({priorities(ids, s, RANDOM_SALT)[0] for s in [0, 2**24 - 1] + big}) == 5
+
+    # The largest seed records, and its random sample is the one its priorities choose.
+    cfg = RecordConfig(model=str(tiny_models["gpt2"]), corpus=str(corpus_file), out=str(tmp_path / "s"),
+                       excerpt_len=T, top_k=3, random_k=6, quantile_k=2, quantile_prefix=8, batch_size=8,
+                       max_excerpts=40, seed=2**63 - 1, progress=False)
+    assert record(cfg, log=lambda *_: None).complete
+    s = open_store(tmp_path / "s")
+    ids = np.arange(40)
+    assert s.spec["seed"] == 2**63 - 1
+    assert s.random_ids.tolist() == np.lexsort((ids, priorities(ids, 2**63 - 1, RANDOM_SALT)))[:6].tolist()
+
+
 def test_splits_are_disjoint(tiny_models, corpus_file, tmp_path):
     cfg = RecordConfig(model=str(tiny_models["gpt2"]), corpus=str(corpus_file), out=str(tmp_path / "s"),
                        excerpt_len=T, top_k=12, random_k=40, batch_size=16, max_excerpts=100, progress=False)

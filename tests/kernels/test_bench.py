@@ -41,6 +41,28 @@ def test_bench_bad_input(tiny_models, capsys):
     assert "unknown mode 'jit'" in capsys.readouterr().err
 
 
+def test_bench_refuses_what_record_refuses_before_measuring(tiny_models, tmp_path, capsys):
+    """Values record refuses, an empty mode list and an --out that cannot be written: one line, exit
+    2, nothing measured (no table) and nothing written."""
+    base = ["bench", "--model", str(tiny_models["gpt2"]), "--modes", "eager"] + TINY
+    cases = [
+        (["--excerpt-len", "0"], "--excerpt-len must be at least 1"),
+        (["--excerpt-len", "129"], "--excerpt-len 129 is longer than the model's context of 128 positions"),
+        (["--quantile-prefix", "-1"], "--quantile-prefix must be at least 1"),
+        (["--top-k", "0"], "--top-k must be at least 1"),
+        (["--modes", ""], "--modes must name eager and/or compiled"),
+        (["--out", str(tmp_path)], "is a directory"),
+        (["--out", str(tmp_path / "missing" / "b.json")], "is not a directory"),
+    ]
+    for extra, fragment in cases:
+        assert main(base + extra) == 2, extra
+        captured = capsys.readouterr()
+        lines = [l for l in captured.err.splitlines() if l.startswith("neuronatlas")]
+        assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in captured.err, (extra, captured.err)
+        assert "forward tok/s" not in captured.out, extra
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_side_stream_row(tiny_models, tmp_path, capsys):
     """triton-side (record --side-stream) is an eager row on CUDA; elsewhere one line refuses it."""
     args = ["bench", "--model", str(tiny_models["gpt2"]), "--random-weights", "--backends", "triton,triton-side"]
