@@ -4,6 +4,12 @@
 #   bash benchmarks/gpu_session.sh 1    # parity on the GPU, launch-shape sweep, then GPT-2 and GPT-2 XL
 #                                       # eager and compiled, in that order of priority
 #   bash benchmarks/gpu_session.sh 2    # what part 1 had no time for, the recording tests on the GPU
+#   bash benchmarks/gpu_session.sh 3    # one call after a kernel change: every CUDA test of kernels/,
+#                                       # the sweep (new activations per batch, kernels timed apart),
+#                                       # then eager and compiled recording of both shapes
+#   bash benchmarks/gpu_session.sh diag # where the update's time goes: stream and finish kernels apart
+#                                       # (torch.profiler), with and without candidates, stage ablations,
+#                                       # Nsight Compute on one launch of each, and GPT-2 eager recording
 #
 # Each step has its own time cap inside the call's DEADLINE (seconds, default 540) and a failed
 # step does not stop the next. Logs and JSON go to $OUT (default benchmarks/out/gpu). Part 1 writes
@@ -87,6 +93,30 @@ EOF
     bench gpt2_compiled 160 --models gpt2 --batch-sizes 1024 --modes compiled --steps 10 --backends $BACKENDS
     bench gpt2xl_compiled 300 --models gpt2-xl --batch-sizes 256 --modes compiled --steps 5 --backends triton,triton-fused
     [ -f "$OUT/gpt2xl_compiled.json" ] && touch benchmarks/out/gpt2xl_compiled.done
+elif [ "$part" = 3 ]; then
+    step cuda_tests 150 env NEURONATLAS_KERNEL_DEVICE=cuda $PY -m pytest -q -n 8 -p no:cacheprovider \
+        tests/kernels/test_update_parity.py tests/kernels/test_activate_parity.py \
+        tests/kernels/test_record_triton.py tests/kernels/test_record_fused.py
+    step sweep 80 $PY benchmarks/kernel_sweep.py --split --fresh --configs 512:4:4:8,256:4:4:16 \
+        --variants 'finish_block_n=32,finish_warps=2' --ablate 31 --out "$OUT/sweep_fresh.json"
+    B=${BACKENDS:-triton,triton-fused}
+    bench gpt2_eager 50 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 --backends $B
+    bench gpt2xl_eager 60 --models gpt2-xl --batch-sizes 256 --modes eager --steps 5 --backends $B
+    bench gpt2_compiled 130 --models gpt2 --batch-sizes 1024 --modes compiled --steps 10 --backends $B
+    bench gpt2xl_compiled 300 --models gpt2-xl --batch-sizes 256 --modes compiled --steps 5 --backends triton
+elif [ "$part" = diag ]; then
+    step sweep_repeat 100 $PY benchmarks/kernel_sweep.py --split --configs 512:4:4:8 --variants '' \
+        --ablate 1,2,4,8,16,31 --out "$OUT/sweep_repeat.json"
+    step sweep_fresh 100 $PY benchmarks/kernel_sweep.py --split --fresh --no-fused --configs 512:4:4:8,128:8:4:8 \
+        --variants 'finish_block_n=32,finish_warps=2' --ablate 8,4 \
+        --out "$OUT/sweep_fresh.json"
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    step ncu 100 "${NCU:-ncu}" --clock-control none --kernel-name regex:'_(stream|finish)_kernel' --launch-skip 16 \
+        --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SourceCounters $PY benchmarks/kernel_sweep.py --shapes gpt2 --fresh --no-fused --configs 512:4:4:8 \
+        --variants '' --ablate '' --reps 3 --layers 2 --out "$OUT/ncu_sweep.json"
+    bench gpt2_eager 70 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 \
+        --backends ${BACKENDS:-triton,triton-side,triton-fused}
 else
     [ -f benchmarks/out/gpt2xl_compiled.done ] || bench gpt2xl_compiled 300 --models gpt2-xl --batch-sizes 256 --modes compiled \
         --steps 5 --backends triton,triton-fused
@@ -95,9 +125,9 @@ else
 fi
 
 echo "=== summary (part $part, $(($(date +%s) - start))s) ==="
-grep -E "^(### |  block_n|  batch|gpt2|[0-9]+ passed|FAILED|E  )" "$log" | grep -v "^### .*: .*benchmarks" | tail -n 80
+grep -E "^(### |  block_n|  batch|gpt2|[0-9]+ passed|FAILED|E  )|^  _(stream|finish)_kernel|^    (Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Warp Cycles Per Issued|Block Limit Registers|Waves Per SM)" "$log" | grep -v "^### .*: .*benchmarks" | tail -n 120
 for f in "$OUT"/*.json; do
     [ -f "$f" ] || continue
-    case "$f" in *kernel_sweep*) continue ;; esac
+    case "$f" in *sweep*) continue ;; esac
     $PY -c "import json, sys; sys.path.insert(0, '.'); from engine import bench; [print(bench.table(r), end='\n\n') for r in json.load(open('$f'))['runs']]"
 done

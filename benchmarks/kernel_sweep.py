@@ -15,10 +15,12 @@ Each number is the median of per-step CUDA-event times over `--reps` steps; a st
 batch folded into `--layers` states (as the recorder does per batch), divided by the layers.
 
 After the launch shapes: `--variants` (other `TUNING` settings on the default shape, such as
-lean=1), then `--ablate`: the plain update with stages of the stream kernel left out
+finish_warps=2), then `--ablate`: the plain update with stages of the stream kernel left out
 (`triton_update._ABLATE`; the state comes out wrong, the time difference is what the stage costs:
-1 moment centring and merging, 2 histogram, 4 quantile buckets, 8 top-K candidates, 16 per-token
-power sums, 31 all of them, leaving loads, maximum, minimum and positives).
+1 float64 power sums (float32 instead), 2 histogram, 4 quantile buckets, 8 top-K candidates,
+16 per-token power sums, 31 all of them, leaving loads, maximum, minimum and positives).
+`--fresh` draws new activations for every batch, so that excerpts keep entering the top-K lists
+as in a recording; `--split` adds the stream and finish kernels' own times (torch.profiler).
 
     python benchmarks/kernel_sweep.py --out benchmarks/out/kernel_sweep.json
 """
@@ -66,13 +68,34 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in times)
 
 
-def time_update(n: int, B: int, T: int, layers: int, reps: int, dtype, device, fused: bool) -> float:
-    """Median ms of one layer's steady-state update (fused: the activation step and the update)."""
+def _kernel_ms(prof, steps: int) -> dict:
+    """Device milliseconds per step of the stream and finish kernels, from a torch.profiler run."""
+    out = {"stream_ms": 0.0, "finish_ms": 0.0}
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None)
+        if total is None:
+            total = getattr(evt, "cuda_time_total", 0.0)
+        for name in ("stream", "finish"):
+            if f"_{name}_kernel" in evt.key:
+                out[f"{name}_ms"] += total / 1e3 / steps  # the profiler counts microseconds
+    return out
+
+
+def time_update(n: int, B: int, T: int, layers: int, reps: int, dtype, device, fused: bool,
+                fresh: bool = False, split: bool = False) -> dict:
+    """Median ms of one layer's steady-state update (fused: the activation step and the update).
+
+    fresh: every batch new random activations, so that excerpts keep entering the top-K lists as
+    in a recording (after about 4 to 24 batches of B excerpts: K x B / seen candidates per neuron
+    and batch); otherwise two tensors alternate and, after the first two batches, nothing beats a
+    K-th value (the quantile samples, which sample by excerpt id, still take candidates).
+    split: the timed steps also run under torch.profiler, which adds the stream and finish
+    kernels' own device times (per layer)."""
     spec = ref.ReductionSpec(excerpt_len=T, top_k=50, negatives=False, quantile_prefix=B)
     states = [ref.LayerState.empty(spec, n, dtype, device) for _ in range(layers)]
     sample = ref.RandomSample.empty(spec, device)
     gen = torch.Generator(device=device).manual_seed(n)
-    xs = [torch.randn((B, T, n), generator=gen, device=device).to(dtype) for _ in range(2)]
+    xs = [torch.randn((B, T, n), generator=gen, device=device).to(dtype) for _ in range(reps + 4 if fresh else 2)]
     first = 0
 
     def plan():
@@ -82,17 +105,27 @@ def time_update(n: int, B: int, T: int, layers: int, reps: int, dtype, device, f
         return batch
 
     def run(i, batch):
+        x = xs[i % len(xs)]
         for s in states:
             if fused:
-                tu.activate_update(s, spec, xs[i % 2], None, "gelu_tanh", batch)
+                tu.activate_update(s, spec, x, None, "gelu_tanh", batch)
             else:
-                tu.update_layer(s, spec, xs[i % 2], batch)
+                tu.update_layer(s, spec, x, batch)
 
     for i in range(4):  # the prefix batch, then warm-up
         run(i, plan())
     batches = [plan() for _ in range(reps)]  # planned ahead: host work stays out of the timing
-    ms = _median_ms(lambda i: run(i, batches[i]), reps)
-    return ms / layers
+    out = {}
+    if split and torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ms = _median_ms(lambda i: run(i + 4, batches[i]), reps)
+        out = {k: v / layers for k, v in _kernel_ms(prof, reps).items()}
+    else:
+        ms = _median_ms(lambda i: run(i + 4, batches[i]), reps)
+    del xs
+    return dict(out, ms=ms / layers)
 
 
 def time_torch(n: int, B: int, T: int, layers: int, reps: int, dtype, device, what: str) -> float:
@@ -154,11 +187,17 @@ def main() -> int:
                    default=_configs("256:4:4:8,128:4:4:8,512:4:4:8,256:8:4:8,256:4:4:16,128:8:4:16,512:4:8:8"),
                    help="block_n:programs_per_sm:num_warps[:chunk] of the stream kernel, comma-separated (each "
                    "new one costs a few compilations, about 1.5 s each)")
-    p.add_argument("--variants", type=_variants, default=_variants("lean=1"),
+    p.add_argument("--variants", type=_variants, default=_variants("finish_warps=2"),
                    help="TUNING settings timed on the default launch shape: key=value[;key=value],...")
     p.add_argument("--ablate", type=_masks, default=_masks("1,2,4,8,16,31"),
                    help="stream-kernel stages to leave out of the plain update, as bitmasks (see above); "
                    "'' for none")
+    p.add_argument("--fresh", action="store_true",
+                   help="new random activations every batch (excerpts keep entering the top-K lists, as in a "
+                   "recording), instead of two tensors alternating")
+    p.add_argument("--split", action="store_true",
+                   help="also report the stream and finish kernels' own times (torch.profiler)")
+    p.add_argument("--no-fused", action="store_true", help="time the plain update only")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--excerpt-len", type=int, default=64)
@@ -171,7 +210,7 @@ def main() -> int:
         return 1
     device, dtype, T = torch.device("cuda" if cuda else "cpu"), torch.bfloat16, args.excerpt_len
     el = 2
-    result = {"env": bench.environment(device, dtype), "rows": []}
+    result = {"env": bench.environment(device, dtype), "fresh": args.fresh, "rows": []}
     default = dict(tu.TUNING)
     print(f"{result['env']['device']} | torch {result['env']['torch']} | triton {result['env']['triton']}", flush=True)
     for shape in args.shapes:
@@ -201,9 +240,13 @@ def main() -> int:
                      + (f" ablate={ablate}" if ablate else ""))
             try:
                 tu._ABLATE = ablate
-                row["update_ms"] = time_update(n, B, T, args.layers, args.reps, dtype, device, fused=False)
-                if not ablate:
-                    row["fused_ms"] = time_update(n, B, T, args.layers, args.reps, dtype, device, fused=True)
+                up = time_update(n, B, T, args.layers, args.reps, dtype, device, False, args.fresh, args.split)
+                row["update_ms"] = up.pop("ms")
+                row.update({f"update_{k}": v for k, v in up.items()})
+                if not ablate and not args.no_fused:
+                    fu = time_update(n, B, T, args.layers, args.reps, dtype, device, True, args.fresh, args.split)
+                    row["fused_ms"] = fu.pop("ms")
+                    row.update({f"fused_{k}": v for k, v in fu.items()})
             except Exception as exc:  # a shape the compiler refuses (registers, shared memory)
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 print(f"  {label}: {row['error']}", flush=True)
@@ -216,10 +259,14 @@ def main() -> int:
             row["update_of_copy"] = row["update_GBps"] / copy
             line = (f"  {label}: update {row['update_ms']:.3f} ms ({row['update_GBps']:,.0f} GB/s, "
                     f"{row['update_of_copy']:.2f} of copy)")
+            if "update_stream_ms" in row:
+                line += f" [stream {row['update_stream_ms']:.3f} + finish {row['update_finish_ms']:.3f} ms]"
             if "fused_ms" in row:
                 line += (f"; fused gelu+update {row['fused_ms']:.3f} ms vs torch gelu {base['gelu_ms']:.3f} "
                          f"(+{row['fused_ms'] - base['gelu_ms']:.3f}) vs gelu then update "
                          f"{base['gelu_ms'] + row['update_ms']:.3f}")
+                if "fused_stream_ms" in row:
+                    line += f" [stream {row['fused_stream_ms']:.3f} + finish {row['fused_finish_ms']:.3f} ms]"
             print(line, flush=True)
             result["rows"].append(row)
             _write(result, args.out)  # after each row: a run cut short keeps what it measured
