@@ -153,7 +153,7 @@ def compile_all(arch: int, dtypes: list[torch.dtype], log=print, num_warps: int 
                 compiled = triton.compile(ASTSource(fn, sig, const), target=target, options=options)
                 md = compiled.metadata
                 feats = ",".join(f"{k}={v}" for k, v in sorted(const.items())
-                                 if k in ("NEG", "HIST", "QUANT", "RANDOM", "BLOCK_N", "ACT", "SKIP", "LEAN"))
+                                 if k in ("NEG", "HIST", "QUANT", "RANDOM", "BLOCK_N", "ACT", "SKIP"))
                 log(f"sm_{arch} {fn.__name__} {_TYPES[dtype]} {feats}: "
                     f"{len(compiled.asm['cubin']):,} B cubin, {md.shared:,} B shared, "
                     f"{resources(compiled.asm['cubin'])}, {time.perf_counter() - t0:.1f} s")
@@ -171,7 +171,6 @@ def main(argv=None) -> int:
     p.add_argument("--random-k", type=int, default=50, help="random sample size (default 50)")
     p.add_argument("--block-n", type=int, default=64, help="stream kernel's BLOCK_N (default 64)")
     p.add_argument("--num-warps", type=int, default=4, help="stream kernel's warps (default 4)")
-    p.add_argument("--lean", action="store_true", help="the stream kernel with TUNING lean=1")
     a = p.parse_args(argv)
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtypes = [table[d] for d in (a.dtype or ["bf16", "fp16", "fp32"])]
@@ -181,7 +180,6 @@ def main(argv=None) -> int:
     try:
         from kernels import triton_update
 
-        triton_update.TUNING["lean"] = int(a.lean)
         n = compile_all(a.arch, dtypes, num_warps=a.num_warps, T=a.excerpt_len, top_k=a.top_k,
                         random_k=a.random_k, block_n=a.block_n)
     except Exception as exc:  # the point of the check: report the compiler's complaint

@@ -5,16 +5,17 @@ float64 copies of the whole tensor. Here the activation tensor is read once, by 
 and everything that depends on the whole batch happens in a second, small kernel:
 
 * `_stream_kernel` (grid: neuron blocks x row splits) reads each excerpt once, token by token,
-  and reduces it on the spot: excerpt maximum (and minimum), the excerpt's moments merged into a
-  float64 running set (Pebay; with `TUNING` lean, once per row split), min / max / positives /
-  non-finite, prefix maxima, histogram bin (atomic add), quantile bucket. Every quantity is a [BLOCK_N] vector whose neurons stay with their
-  threads, so no reduction crosses threads: on an H200 this was 3x faster than reducing
+  and reduces it on the spot: excerpt maximum (and minimum), the power sums of the activations
+  around one shift per neuron (float32 within a few tokens, float64 across them), min / max /
+  positives / non-finite, prefix maxima, histogram bin (atomic add), quantile bucket. Every
+  quantity is a [BLOCK_N] vector whose neurons stay with their threads, so no reduction crosses threads: on an H200 this was 3x faster than reducing
   [T, BLOCK_N] tiles along T, which cost a shared-memory round and a barrier per reduction and,
   at BLOCK_N 128, spilled registers (benchmarks/RESULTS.md). An excerpt whose maximum beats the
   neuron's current K-th value (or whose priority beats the current S-th of its bucket) is appended
   to a per-neuron candidate list through an atomic counter. After the first batches almost no
   excerpt is a candidate, so the common case writes nothing but the partial moments.
-* `_finish_kernel` (grid: neuron blocks) merges the partial moments of the row splits, then, only in
+* `_finish_kernel` (grid: neuron blocks) adds the row splits' power sums, centres them once on the
+  batch mean and merges that batch set into the state (Pebay), then, only in
   blocks where some neuron has candidates, merges them into the sorted top-K (bottom-K, per-bucket
   bottom-S) lists in exactly the reference's order and copies the per-token activations of the
   admitted excerpts (a re-read of those rows only). It also moves the random sample's slots as
@@ -173,15 +174,15 @@ def _chunk(xb, ub, yb, t0, sxt, sut, syt, nmask, zeros_n, T, shift, emax, emin, 
             a2 += d2
             a3 += d2 * d
             a4 += d2 * d2
-    return emax, emin, pos, s1 + a1.to(tl.float64), s2 + a2.to(tl.float64), s3 + a3.to(tl.float64), s4 + a4.to(tl.float64)
+    return emax, emin, pos, s1 + a1.to(s1.dtype), s2 + a2.to(s2.dtype), s3 + a3.to(s3.dtype), s4 + a4.to(s4.dtype)
 
 
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
 def _stream_kernel(
     x_ptr, sxb, sxt,  # activations [B, T, N] (pre-activations with ACT), neuron stride 1
     ids_ptr, bqprio_ptr,  # [B] excerpt ids, [B] quantile priorities
-    top_max_ptr, neg_min_ptr, prefix_ptr, qbounds_ptr, qprio_ptr, hist_ptr, hrange_ptr,
-    pmom_ptr, pmm_ptr, pint_ptr,  # partials: [4, splits, N] f64, [2, splits, N] f32, [2, splits, N] i32
+    top_max_ptr, neg_min_ptr, prefix_ptr, qbounds_ptr, qprio_ptr, hist_ptr, hrange_ptr, mom_ptr,
+    pmom_ptr, pmm_ptr, pint_ptr,  # partials: [4, splits, N] f64, [3, splits, N] f32, [2, splits, N] i32
     cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
     flag_ptr,
     u_ptr, sub, sut,  # with a gated ACT: the up projection [B, SKIP + T, N]
@@ -190,8 +191,7 @@ def _stream_kernel(
     K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     NEG: tl.constexpr, HIST: tl.constexpr, QUANT: tl.constexpr,
     Q: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
-    ACT: tl.constexpr, SKIP: tl.constexpr,
-    LEAN: tl.constexpr, ABLATE: tl.constexpr,
+    ACT: tl.constexpr, SKIP: tl.constexpr, ABLATE: tl.constexpr,
 ):
     """With ACT = 0, x holds the activations. Otherwise x holds the pre-activations (the gate,
     with a gated ACT), [B, SKIP + T, N]: the kernel computes the activations, writes them all to y
@@ -219,15 +219,10 @@ def _stream_kernel(
         lo = tl.load(hrange_ptr + n64 * 2, mask=nmask, other=0.0)
         hi = tl.load(hrange_ptr + n64 * 2 + 1, mask=nmask, other=1.0)
 
-    mean = tl.zeros([BLOCK_N], dtype=tl.float64)
-    M2 = tl.zeros([BLOCK_N], dtype=tl.float64)
-    M3 = tl.zeros([BLOCK_N], dtype=tl.float64)
-    M4 = tl.zeros([BLOCK_N], dtype=tl.float64)
     vmin = tl.full([BLOCK_N], float("inf"), tl.float32)
     vmax = tl.full([BLOCK_N], float("-inf"), tl.float32)
     pos = tl.zeros([BLOCK_N], dtype=tl.int32)
-    bad = tl.zeros([BLOCK_N], dtype=tl.int32)
-    Tf = tl.cast(T, tl.float64)
+    zeros_n = tl.zeros([BLOCK_N], dtype=tl.int32)
 
     # Every quantity is a [BLOCK_N] vector over the block's neurons, and an excerpt is read one
     # token (one row of BLOCK_N neurons) at a time, CHUNK tokens per unrolled step so that their
@@ -240,15 +235,32 @@ def _stream_kernel(
         x_row += SKIP * sxt
         u_row += SKIP * sut
         y_row += SKIP * syt
-    # The shift of the power sums (see below): the first excerpt's first activation, then the
-    # running mean (with LEAN: the first excerpt's mean, from then on).
-    shift = _token(x_row + tl.cast(r0, tl.int64) * sxb, u_row + tl.cast(r0, tl.int64) * sub, y_row, 0,
-                   sxt, sut, syt, nmask, ACT, False, y_ptr.dtype.element_ty)  # r0 < r1: no split is empty
+    # Moments: every split sums the powers of d = x - shift with one shift per neuron, the same in
+    # all splits of the launch: the state's running mean once it has seen tokens, else the first
+    # activation of the launch's first row. The finish kernel adds the splits' sums and centres
+    # them once on the batch mean (float64), so no split merges anything. Both shifts lie within
+    # the data, and the running mean is close to every later batch's mean.
+    first_act = _token(x_row + tl.cast(row_lo, tl.int64) * sxb, u_row + tl.cast(row_lo, tl.int64) * sub, y_row, 0,
+                       sxt, sut, syt, nmask, ACT, False, y_ptr.dtype.element_ty)
+    running = tl.load(mom_ptr + n64 * 4, mask=nmask, other=0.0).to(tl.float32)
+    shift = tl.where((zeros_n + first_id + row_lo) > 0, running, first_act)
+    shift = tl.where(nmask & (shift == shift), shift, 0.0)
+    if (ABLATE & 1) != 0:  # diagnostic: float32 running sums, no float64 arithmetic
+        s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        s3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        s4 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        s1 = tl.zeros([BLOCK_N], dtype=tl.float64)
+        s2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+        s3 = tl.zeros([BLOCK_N], dtype=tl.float64)
+        s4 = tl.zeros([BLOCK_N], dtype=tl.float64)
 
-    zeros_n = tl.zeros([BLOCK_N], dtype=tl.int32)
     # This split's slot in the partials: plane k of [k, splits, N] starts at k * plane.
     plane = tl.cast(n_splits, tl.int64) * N
     base = pid_s.to(tl.int64) * N + n64
+    if pid_s == 0:
+        tl.store(pmm_ptr + 2 * plane + n64, shift, mask=nmask)
     for b in range(r0, r1):
         b64 = tl.cast(b, tl.int64)
         xb = x_row + b64 * sxb
@@ -257,47 +269,15 @@ def _stream_kernel(
         if ACT != 0:
             for t0 in range(SKIP):  # the model sees these (a BOS); the statistics skip them
                 _token(xb, ub, yb, t0 - SKIP, sxt, sut, syt, nmask, ACT, True, y_ptr.dtype.element_ty)
-        # Moments of this excerpt from the power sums of d = x - shift: float32 within a chunk of
-        # tokens, float64 across chunks, then centred on the excerpt's mean in float64 and merged
-        # into the running float64 set (Pebay 2008, eq. 3.1-3.3).
+        # Power sums: float32 within a chunk of tokens, float64 across chunks.
         emax = tl.full([BLOCK_N], float("-inf"), tl.float32)
         emin = tl.full([BLOCK_N], float("inf"), tl.float32)
-        s1 = tl.zeros([BLOCK_N], dtype=tl.float64)
-        s2 = tl.zeros([BLOCK_N], dtype=tl.float64)
-        s3 = tl.zeros([BLOCK_N], dtype=tl.float64)
-        s4 = tl.zeros([BLOCK_N], dtype=tl.float64)
         for t0 in range(0, T, CHUNK):
             emax, emin, pos, s1, s2, s3, s4 = _chunk(
                 xb, ub, yb, t0, sxt, sut, syt, nmask, zeros_n, T, shift, emax, emin, pos, s1, s2, s3, s4,
                 CHUNK, ACT, y_ptr.dtype.element_ty, (ABLATE & 16) == 0)
         vmax = tl.maximum(vmax, emax)
         vmin = tl.minimum(vmin, emin)
-        # A NaN or an infinity in the excerpt makes its sum non-finite (as the reference's s1).
-        bad = bad | ((s1 != s1) | (tl.abs(s1) == float("inf"))).to(tl.int32)
-        if (ABLATE & 1) != 0:  # diagnostic: the sums stay live, no centring, no merge
-            mean += s1
-            M2 += s2
-            M3 += s3
-            M4 += s4
-        elif LEAN:
-            # The first excerpt's moments wait in the partials; the others' power sums around
-            # its mean add up in float64 (in mean..M4) and are centred once, after the loop.
-            if b == r0:
-                mb, m2b, m3b, m4b = _centre(s1, s2, s3, s4, shift, Tf)
-                tl.store(pmom_ptr + base, mb, mask=nmask)
-                tl.store(pmom_ptr + plane + base, m2b, mask=nmask)
-                tl.store(pmom_ptr + 2 * plane + base, m3b, mask=nmask)
-                tl.store(pmom_ptr + 3 * plane + base, m4b, mask=nmask)
-                shift = tl.where(mb == mb, mb.to(tl.float32), 0.0)  # masked-out neurons: 0
-            else:
-                mean += s1
-                M2 += s2
-                M3 += s3
-                M4 += s4
-        else:
-            mb, m2b, m3b, m4b = _centre(s1, s2, s3, s4, shift, Tf)
-            mean, M2, M3, M4 = _pebay(tl.cast(b - r0, tl.float64) * Tf, mean, M2, M3, M4, Tf, mb, m2b, m3b, m4b)
-            shift = tl.where(mean == mean, mean.to(tl.float32), 0.0)  # masked-out neurons: 0
 
         if b < prefix_rows:
             tl.store(prefix_ptr + n64 * P + (first_id + b), emax, mask=nmask)
@@ -336,18 +316,12 @@ def _stream_kernel(
             tl.store(cq_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
             tl.store(cq_tag_ptr + slot.to(tl.int64) * N + n64, bucket, mask=is_c)
 
-    if LEAN and (ABLATE & 1) == 0:
-        nr = tl.cast(r1 - r0 - 1, tl.float64) * Tf
-        mb, m2b, m3b, m4b = _centre(mean, M2, M3, M4, shift, tl.maximum(nr, 1.0))
-        mean, M2, M3, M4 = _pebay(
-            Tf, tl.load(pmom_ptr + base, mask=nmask, other=0.0), tl.load(pmom_ptr + plane + base, mask=nmask, other=0.0),
-            tl.load(pmom_ptr + 2 * plane + base, mask=nmask, other=0.0),
-            tl.load(pmom_ptr + 3 * plane + base, mask=nmask, other=0.0),
-            nr, mb, m2b, m3b, m4b)
-    tl.store(pmom_ptr + base, mean, mask=nmask)
-    tl.store(pmom_ptr + plane + base, M2, mask=nmask)
-    tl.store(pmom_ptr + 2 * plane + base, M3, mask=nmask)
-    tl.store(pmom_ptr + 3 * plane + base, M4, mask=nmask)
+    # A NaN or an infinity anywhere in the split makes its sum non-finite (as the reference's s1).
+    bad = ((s1 != s1) | (tl.abs(s1) == float("inf"))).to(tl.int32)
+    tl.store(pmom_ptr + base, s1.to(tl.float64), mask=nmask)
+    tl.store(pmom_ptr + plane + base, s2.to(tl.float64), mask=nmask)
+    tl.store(pmom_ptr + 2 * plane + base, s3.to(tl.float64), mask=nmask)
+    tl.store(pmom_ptr + 3 * plane + base, s4.to(tl.float64), mask=nmask)
     tl.store(pmm_ptr + base, vmin, mask=nmask)
     tl.store(pmm_ptr + plane + base, vmax, mask=nmask)
     tl.store(pint_ptr + base, pos, mask=nmask)
@@ -359,6 +333,86 @@ def _stream_kernel(
 
 
 @triton.jit
+def _candidates(cand_key_ptr, cand_row_ptr, cand_tag_ptr, bkey_ptr, c0, cnt, nmask, n64, N, offs_g, SENT,
+                CB: tl.constexpr, NEGATE: tl.constexpr, KEY_FROM_ROW: tl.constexpr, HAS_TAG: tl.constexpr):
+    """Candidates c0 .. c0 + CB - 1 of each neuron as [BLOCK_N, 1, CB] keys and rows, and the mask
+    [BLOCK_N, G_PAD, CB] of those that exist and belong to list g."""
+    cc = c0 + tl.arange(0, CB)
+    cm = nmask[:, None] & (cc[None, :] < cnt[:, None])
+    cptr = cc[None, :].to(tl.int64) * N + n64[:, None]
+    crow = tl.load(cand_row_ptr + cptr, mask=cm, other=1073741824)
+    if KEY_FROM_ROW:
+        ck = tl.load(bkey_ptr + crow, mask=cm, other=SENT)
+    elif NEGATE:
+        ck = -tl.load(cand_key_ptr + cptr, mask=cm, other=float("-inf"))
+    else:
+        ck = tl.load(cand_key_ptr + cptr, mask=cm, other=SENT)
+    cm3 = cm[:, None, :]
+    if HAS_TAG:
+        ctag = tl.load(cand_tag_ptr + cptr, mask=cm, other=-1)
+        cm3 = cm3 & (ctag[:, None, :] == offs_g[None, :, None])
+    return ck[:, None, :], crow[:, None, :], cm3
+
+
+@triton.jit
+def _next_candidate(ck3, cr3, cm3, prev_key, prev_row, best_key, best_row, SENT):
+    """The smallest (key, row) among candidates (ck3, cr3, cm3) after (prev_key, prev_row), per
+    neuron and list, folded into (best_key, best_row)."""
+    after = cm3 & ((ck3 > prev_key[:, :, None]) | ((ck3 == prev_key[:, :, None]) & (cr3 > prev_row[:, :, None])))
+    kk = tl.where(after, ck3, SENT)
+    kmin = tl.min(kk, axis=2)
+    rmin = tl.min(tl.where(after & (kk == kmin[:, :, None]), cr3, 1073741824), axis=2)
+    better = (kmin < best_key) | ((kmin == best_key) & (rmin < best_row))
+    return tl.where(better, kmin, best_key), tl.where(better, rmin, best_row)
+
+
+@triton.jit
+def _place(j, best_key, best_row, skey, lm, l3, L: tl.constexpr, marked, before, mark_key, mark_row,
+           prev_key, prev_row):
+    """Put the j-th candidate (best_key, best_row) at its slot: j + #(old entries with key <= its
+    key), if that is inside the list."""
+    found = best_row < 1073741824
+    pos = j + tl.sum(((skey <= best_key[:, :, None]) & lm).to(tl.int32), axis=2)
+    ins = found & (pos < L)
+    sel = (l3 == pos[:, :, None]) & ins[:, :, None]
+    mark_key = tl.where(sel, best_key[:, :, None], mark_key)
+    mark_row = tl.where(sel, best_row[:, :, None], mark_row)
+    marked = marked | sel.to(tl.int32)
+    before += ((l3 > pos[:, :, None]) & ins[:, :, None]).to(tl.int32)
+    prev_key = tl.where(found, best_key, prev_key)
+    prev_row = tl.where(found, best_row, prev_row)
+    return marked, before, mark_key, mark_row, prev_key, prev_row
+
+
+@triton.jit
+def _slot_read(k, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr, act_ptr, x_base, sxb, tm3, T,
+               L: tl.constexpr, SENT, NEGATE: tl.constexpr):
+    """What slot k of each list receives: (move mask, from-old mask, key, id, activations [.., T])."""
+    s = tl.max(tl.where(l3 == k, src, -1), axis=2)
+    ck = tl.min(tl.where(l3 == k, mark_key, SENT), axis=2)
+    mv = gm & (s != k) & ((s - s + k) >= first)  # a vector: the interpreter refuses a scalar in a mask
+    from_old = mv & (s < L)
+    from_new = mv & (s >= L)
+    row = s - L
+    old_key = tl.load(key_ptr + row_ptr + s, mask=from_old)
+    old_id = tl.load(id_ptr + row_ptr + s, mask=from_old)
+    new_id = tl.load(ids_ptr + row, mask=from_new)
+    if NEGATE:
+        ck = -ck
+    a_old = tl.load(act_ptr + s[:, :, None].to(tl.int64) * T, mask=from_old[:, :, None] & tm3)
+    a_new = tl.load(x_base + row[:, :, None].to(tl.int64) * sxb, mask=from_new[:, :, None] & tm3)
+    return (mv, tl.where(from_old, old_key, ck), tl.where(from_old, old_id, new_id),
+            tl.where(from_old[:, :, None], a_old, a_new))
+
+
+@triton.jit
+def _slot_write(k, mv, key, id, a, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T):
+    tl.store(key_ptr + row_ptr + k, key, mask=mv)
+    tl.store(id_ptr + row_ptr + k, id, mask=mv)
+    tl.store(act_ptr + k * T, a, mask=mv[:, :, None] & tm3)
+
+
+@triton.jit
 def _merge_lists(
     key_ptr, id_ptr, acts_ptr, stride_ln, stride_an,
     cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max,
@@ -367,6 +421,7 @@ def _merge_lists(
     G: tl.constexpr, G_PAD: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr, T_PAD: tl.constexpr,
     CB: tl.constexpr, BLOCK_N: tl.constexpr,
     NEGATE: tl.constexpr, KEY_INT: tl.constexpr, KEY_FROM_ROW: tl.constexpr, HAS_TAG: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Merge each neuron's candidates into its G sorted lists of L (key, id, acts[T]) entries.
 
@@ -374,9 +429,13 @@ def _merge_lists(
     element n * stride_ln + g * L. A candidate belongs to list `tag` (0 without HAS_TAG).
     Candidates are taken in (key, row) order, min(C, L) of them; the j-th lands at slot
     j + #(old entries with key <= its key): the old entry wins a tie, being an older excerpt.
-    Old entries fill the remaining slots in their order. Then the changed tail of each list is
-    rewritten from the last slot backwards, so that an old entry (which only ever moves to a
-    later slot) is read before its slot is overwritten."""
+    Where every neuron of the block has at most CB candidates (the common case once the lists
+    have filled) they are loaded once, not once per step. Old entries fill the remaining slots
+    in their order. Then the changed tail of each list is rewritten from the last slot
+    backwards, so that an old entry (which only ever moves to a later slot) is read before its
+    slot is overwritten: with WIDE, four slots per step, all four read before a barrier and
+    written after it (a slot's source is never a later slot, so no step reads what an earlier
+    step wrote)."""
     # SENT: the key of an empty slot or of no candidate; 1073741824 (2^30): the row of none.
     if KEY_INT:
         SENT = 9223372036854775807
@@ -401,45 +460,26 @@ def _merge_lists(
     mark_row = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
     prev_key = tl.full([BLOCK_N, G_PAD], PREV0, skey.dtype)
     prev_row = tl.full([BLOCK_N, G_PAD], -1, tl.int32)
-    offs_c = tl.arange(0, CB)
     n_steps = tl.minimum(c_max, L)
-    for j in range(n_steps):
-        best_key = tl.full([BLOCK_N, G_PAD], SENT, skey.dtype)
-        best_row = tl.full([BLOCK_N, G_PAD], 1073741824, tl.int32)
-        for c0 in range(0, c_max, CB):
-            cc = c0 + offs_c
-            cm = nmask[:, None] & (cc[None, :] < cnt[:, None])
-            cptr = cc[None, :].to(tl.int64) * N + n64[:, None]
-            crow = tl.load(cand_row_ptr + cptr, mask=cm, other=1073741824)
-            if KEY_FROM_ROW:
-                ck = tl.load(bkey_ptr + crow, mask=cm, other=SENT)
-            elif NEGATE:
-                ck = -tl.load(cand_key_ptr + cptr, mask=cm, other=float("-inf"))
-            else:
-                ck = tl.load(cand_key_ptr + cptr, mask=cm, other=SENT)
-            cm3 = cm[:, None, :]
-            if HAS_TAG:
-                ctag = tl.load(cand_tag_ptr + cptr, mask=cm, other=-1)
-                cm3 = cm3 & (ctag[:, None, :] == offs_g[None, :, None])
-            ck3 = ck[:, None, :]
-            cr3 = crow[:, None, :]
-            after = cm3 & ((ck3 > prev_key[:, :, None]) | ((ck3 == prev_key[:, :, None]) & (cr3 > prev_row[:, :, None])))
-            kk = tl.where(after, ck3, SENT)
-            kmin = tl.min(kk, axis=2)
-            rmin = tl.min(tl.where(after & (kk == kmin[:, :, None]), cr3, 1073741824), axis=2)
-            better = (kmin < best_key) | ((kmin == best_key) & (rmin < best_row))
-            best_key = tl.where(better, kmin, best_key)
-            best_row = tl.where(better, rmin, best_row)
-        found = best_row < 1073741824
-        pos = j + tl.sum(((skey <= best_key[:, :, None]) & lm).to(tl.int32), axis=2)
-        ins = found & (pos < L)
-        sel = (l3 == pos[:, :, None]) & ins[:, :, None]
-        mark_key = tl.where(sel, best_key[:, :, None], mark_key)
-        mark_row = tl.where(sel, best_row[:, :, None], mark_row)
-        marked = marked | sel.to(tl.int32)
-        before += ((l3 > pos[:, :, None]) & ins[:, :, None]).to(tl.int32)
-        prev_key = tl.where(found, best_key, prev_key)
-        prev_row = tl.where(found, best_row, prev_row)
+    if (c_max <= CB) & (not HAS_TAG):  # the bucketed lists' [BLOCK_N, G_PAD, CB] masks cost too many registers
+        ck3, cr3, cm3 = _candidates(cand_key_ptr, cand_row_ptr, cand_tag_ptr, bkey_ptr, 0, cnt, nmask, n64, N,
+                                    offs_g, SENT, CB, NEGATE, KEY_FROM_ROW, HAS_TAG)
+        for j in range(n_steps):
+            best_key, best_row = _next_candidate(ck3, cr3, cm3, prev_key, prev_row,
+                                                 tl.full([BLOCK_N, G_PAD], SENT, skey.dtype),
+                                                 tl.full([BLOCK_N, G_PAD], 1073741824, tl.int32), SENT)
+            marked, before, mark_key, mark_row, prev_key, prev_row = _place(
+                j, best_key, best_row, skey, lm, l3, L, marked, before, mark_key, mark_row, prev_key, prev_row)
+    else:
+        for j in range(n_steps):
+            best_key = tl.full([BLOCK_N, G_PAD], SENT, skey.dtype)
+            best_row = tl.full([BLOCK_N, G_PAD], 1073741824, tl.int32)
+            for c0 in range(0, c_max, CB):
+                ck3, cr3, cm3 = _candidates(cand_key_ptr, cand_row_ptr, cand_tag_ptr, bkey_ptr, c0, cnt, nmask, n64,
+                                            N, offs_g, SENT, CB, NEGATE, KEY_FROM_ROW, HAS_TAG)
+                best_key, best_row = _next_candidate(ck3, cr3, cm3, prev_key, prev_row, best_key, best_row, SENT)
+            marked, before, mark_key, mark_row, prev_key, prev_row = _place(
+                j, best_key, best_row, skey, lm, l3, L, marked, before, mark_key, mark_row, prev_key, prev_row)
 
     # Slot k: the candidate marked there, else old entry k - (candidates inserted before k).
     src = tl.where(marked != 0, L + mark_row, l3 - before)
@@ -452,25 +492,29 @@ def _merge_lists(
     row_ptr = n64[:, None] * stride_ln + offs_g[None, :] * L
     act_ptr = acts_ptr + n64[:, None, None] * stride_an + offs_g[None, :, None] * (L * T) + t3
     x_base = x_ptr + t3.to(tl.int64) * sxt + n64[:, None, None]
-    for i in range(L - first):
-        k = L - 1 - i
-        s = tl.max(tl.where(l3 == k, src, -1), axis=2)
-        ck = tl.min(tl.where(l3 == k, mark_key, SENT), axis=2)
-        mv = gm & (s != k)
-        from_old = mv & (s < L)
-        from_new = mv & (s >= L)
-        row = s - L
-        old_key = tl.load(key_ptr + row_ptr + s, mask=from_old)
-        old_id = tl.load(id_ptr + row_ptr + s, mask=from_old)
-        new_id = tl.load(ids_ptr + row, mask=from_new)
-        if NEGATE:
-            ck = -ck
-        tl.store(key_ptr + row_ptr + k, tl.where(from_old, old_key, ck), mask=mv)
-        tl.store(id_ptr + row_ptr + k, tl.where(from_old, old_id, new_id), mask=mv)
-        a_old = tl.load(act_ptr + s[:, :, None].to(tl.int64) * T, mask=from_old[:, :, None] & tm3)
-        a_new = tl.load(x_base + row[:, :, None].to(tl.int64) * sxb, mask=from_new[:, :, None] & tm3)
-        tl.store(act_ptr + k * T, tl.where(from_old[:, :, None], a_old, a_new), mask=mv[:, :, None] & tm3)
-        tl.debug_barrier()
+    if WIDE:
+        for i in range(0, L - first, 4):
+            k = L - 1 - i
+            mv0, key0, id0, a0 = _slot_read(k, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
+                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
+            mv1, key1, id1, a1 = _slot_read(k - 1, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
+                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
+            mv2, key2, id2, a2 = _slot_read(k - 2, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
+                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
+            mv3, key3, id3, a3 = _slot_read(k - 3, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
+                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
+            tl.debug_barrier()
+            _slot_write(k, mv0, key0, id0, a0, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
+            _slot_write(k - 1, mv1, key1, id1, a1, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
+            _slot_write(k - 2, mv2, key2, id2, a2, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
+            _slot_write(k - 3, mv3, key3, id3, a3, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
+    else:
+        for i in range(L - first):
+            k = L - 1 - i
+            mv0, key0, id0, a0 = _slot_read(k, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
+                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
+            tl.debug_barrier()
+            _slot_write(k, mv0, key0, id0, a0, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
 
 
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
@@ -484,7 +528,7 @@ def _finish_kernel(
     N, T, row_lo, row_hi, rows_per_split, n_splits,
     K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, Q: tl.constexpr, Q_PAD: tl.constexpr,
     S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr, CB: tl.constexpr,
-    NEG: tl.constexpr, QUANT: tl.constexpr, RANDOM: tl.constexpr,
+    SB: tl.constexpr, NEG: tl.constexpr, QUANT: tl.constexpr, RANDOM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -493,40 +537,40 @@ def _finish_kernel(
     Tf = tl.cast(T, tl.float64)
     first_id = tl.load(ids_ptr)
 
-    # Moments: the row splits in order into one batch set, then the batch into the state, as
-    # the reference does (its batch set is one piece; Pebay's merge is exact in exact arithmetic).
+    # Moments: the splits' power sums (one shift per neuron, the stream kernel's) add up to the
+    # batch's, centred once on the batch mean into one batch set, which is merged into the state
+    # (Pebay), as the reference does. SB splits are read per step, all loads in flight together.
     plane = tl.cast(n_splits, tl.int64) * N
-    mean = tl.zeros([BLOCK_N], dtype=tl.float64)
-    M2 = tl.zeros([BLOCK_N], dtype=tl.float64)
-    M3 = tl.zeros([BLOCK_N], dtype=tl.float64)
-    M4 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    s1 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    s3 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    s4 = tl.zeros([BLOCK_N], dtype=tl.float64)
     vmin = tl.full([BLOCK_N], float("inf"), tl.float32)
     vmax = tl.full([BLOCK_N], float("-inf"), tl.float32)
     npos = tl.zeros([BLOCK_N], dtype=tl.int64)
     bad = tl.zeros([BLOCK_N], dtype=tl.int32)
-    nacc = tl.zeros([BLOCK_N], dtype=tl.float64)
-    for sp in range(n_splits):
-        rows = tl.minimum(rows_per_split, row_hi - row_lo - sp * rows_per_split)
-        nb = tl.cast(rows, tl.float64) * Tf
-        base = sp * N + n64
-        mean, M2, M3, M4 = _pebay(
-            nacc, mean, M2, M3, M4, nb,
-            tl.load(pmom_ptr + base, mask=nmask, other=0.0),
-            tl.load(pmom_ptr + plane + base, mask=nmask, other=0.0),
-            tl.load(pmom_ptr + 2 * plane + base, mask=nmask, other=0.0),
-            tl.load(pmom_ptr + 3 * plane + base, mask=nmask, other=0.0),
-        )
-        nacc += nb
-        vmin = tl.minimum(vmin, tl.load(pmm_ptr + base, mask=nmask, other=float("inf")))
-        vmax = tl.maximum(vmax, tl.load(pmm_ptr + plane + base, mask=nmask, other=float("-inf")))
-        npos += tl.load(pint_ptr + base, mask=nmask, other=0).to(tl.int64)
-        bad = bad | tl.load(pint_ptr + plane + base, mask=nmask, other=0)
-    na = (first_id + row_lo).to(tl.float64) * Tf + tl.zeros([BLOCK_N], dtype=tl.float64)
+    offs_s = tl.arange(0, SB)
+    for s0 in range(0, n_splits, SB):
+        sp = s0 + offs_s
+        m2d = (sp < n_splits)[:, None] & nmask[None, :]
+        idx = sp[:, None].to(tl.int64) * N + n64[None, :]
+        s1 += tl.sum(tl.load(pmom_ptr + idx, mask=m2d, other=0.0), axis=0)
+        s2 += tl.sum(tl.load(pmom_ptr + plane + idx, mask=m2d, other=0.0), axis=0)
+        s3 += tl.sum(tl.load(pmom_ptr + 2 * plane + idx, mask=m2d, other=0.0), axis=0)
+        s4 += tl.sum(tl.load(pmom_ptr + 3 * plane + idx, mask=m2d, other=0.0), axis=0)
+        vmin = tl.minimum(vmin, tl.min(tl.load(pmm_ptr + idx, mask=m2d, other=float("inf")), axis=0))
+        vmax = tl.maximum(vmax, tl.max(tl.load(pmm_ptr + plane + idx, mask=m2d, other=float("-inf")), axis=0))
+        npos += tl.sum(tl.load(pint_ptr + idx, mask=m2d, other=0), axis=0).to(tl.int64)
+        bad = bad | tl.max(tl.load(pint_ptr + plane + idx, mask=m2d, other=0), axis=0)
+    shift = tl.load(pmm_ptr + 2 * plane + n64, mask=nmask, other=0.0)
+    nb = tl.cast(row_hi - row_lo, tl.float64) * Tf
+    mean, M2, M3, M4 = _centre(s1, s2, s3, s4, shift, nb)
+    na = (first_id + row_lo).to(tl.float64) * Tf
     mp = mom_ptr + n64 * 4
     mean, M2, M3, M4 = _pebay(
         na, tl.load(mp, mask=nmask, other=0.0), tl.load(mp + 1, mask=nmask, other=0.0),
         tl.load(mp + 2, mask=nmask, other=0.0), tl.load(mp + 3, mask=nmask, other=0.0),
-        nacc, mean, M2, M3, M4,
+        nb, mean, M2, M3, M4,
     )
     tl.store(mp, mean, mask=nmask)
     tl.store(mp + 1, M2, mask=nmask)
@@ -544,7 +588,7 @@ def _finish_kernel(
         _merge_lists(top_max_ptr, top_ids_ptr, top_acts_ptr, K, K * T,
                      ctop_val_ptr, ctop_row_ptr, ctop_row_ptr, cnt, c_max,
                      ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
-                     1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, True, False, False, False)
+                     1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, True, False, False, False, True)
         tl.store(cnt_ptr + offs_n, 0, mask=nmask)
     if NEG:
         cnt = tl.load(cnt_ptr + N + offs_n, mask=nmask, other=0)
@@ -553,7 +597,7 @@ def _finish_kernel(
             _merge_lists(neg_min_ptr, neg_ids_ptr, neg_acts_ptr, K, K * T,
                          cneg_val_ptr, cneg_row_ptr, cneg_row_ptr, cnt, c_max,
                          ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
-                         1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, False, False, False, False)
+                         1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, False, False, False, False, True)
             tl.store(cnt_ptr + N + offs_n, 0, mask=nmask)
     if QUANT:
         cnt = tl.load(cnt_ptr + 2 * N + offs_n, mask=nmask, other=0)
@@ -562,7 +606,7 @@ def _finish_kernel(
             _merge_lists(qprio_ptr, qids_ptr, qacts_ptr, Q * S, Q * S * T,
                          cq_row_ptr, cq_row_ptr, cq_tag_ptr, cnt, c_max,
                          ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
-                         Q, Q_PAD, S, S_PAD, T_PAD, CB, BLOCK_N, False, True, True, True)
+                         Q, Q_PAD, S, S_PAD, T_PAD, CB, BLOCK_N, False, True, True, True, False)
             tl.store(cnt_ptr + 2 * N + offs_n, 0, mask=nmask)
 
     if RANDOM:
@@ -623,7 +667,7 @@ def _scratch(device: torch.device, n: int, rows: int, splits: int) -> dict:
             "cq_row": torch.empty((rows, n), dtype=i32, device=device),
             "cq_tag": torch.empty((rows, n), dtype=i32, device=device),
             "pmom": torch.empty((4, splits, n), dtype=torch.float64, device=device),
-            "pmm": torch.empty((2, splits, n), dtype=f32, device=device),
+            "pmm": torch.empty((3, splits, n), dtype=f32, device=device),  # min, max; the shift
             "pint": torch.empty((2, splits, n), dtype=i32, device=device),
         }
         _SCRATCH[key] = s
@@ -632,7 +676,7 @@ def _scratch(device: torch.device, n: int, rows: int, splits: int) -> dict:
 
 def scratch_bytes(n: int, rows: int, splits: int) -> int:
     """Device bytes of the scratch one layer width needs (shared by all layers of that width)."""
-    return 3 * n * 4 + rows * n * (4 + 4 + 4 + 4 + 4 + 4) + splits * n * (4 * 8 + 2 * 4 + 2 * 4)
+    return 3 * n * 4 + rows * n * (4 + 4 + 4 + 4 + 4 + 4) + splits * n * (4 * 8 + 3 * 4 + 2 * 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -640,19 +684,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_TUNING_RANGE = {"lean": (0, 1)}
-"""Keys of `TUNING` whose values are not simply positive integers: (lowest, highest)."""
-
-
 def _tuning_from_env() -> dict:
     tuning = {"block_n": 512, "programs_per_sm": 4, "num_warps": 4, "chunk": 8, "finish_block_n": 16,
-              "finish_warps": 4, "lean": 0}
+              "finish_warps": 4}
     text = os.environ.get("NEURONATLAS_TRITON_TUNING", "")
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")
-        lo, hi = _TUNING_RANGE.get(key, (1, None))
-        if key not in tuning or not value.isdigit() or int(value) < lo or (hi is not None and int(value) > hi):
-            raise ValueError(f"NEURONATLAS_TRITON_TUNING: expected key=positive integer (lean: 0 or 1) with "
+        if key not in tuning or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"NEURONATLAS_TRITON_TUNING: expected key=positive integer with "
                              f"key one of {', '.join(tuning)}, got '{item}'")
         tuning[key] = int(value)
     return tuning
@@ -664,17 +703,11 @@ TUNING = _tuning_from_env()
 together); the finish kernel's BLOCK_N and warps. The defaults scored best, plain and fused update
 together, of the seven shapes `benchmarks/kernel_sweep.py` timed on an H200 (2026-11-26, see
 benchmarks/RESULTS.md). Overridable as NEURONATLAS_TRITON_TUNING="block_n=256,chunk=16"; block
-sizes, warps and chunk are powers of two.
-
-`lean=1` (off by default: no GPU has timed it yet) merges moments once per row split instead of
-once per excerpt: the power sums of every excerpt after the first are taken around the first
-one's mean and added in float64, four additions per excerpt instead of a float64 Pebay merge.
-Compiled for sm_90 at BLOCK_N 512 it takes 228 registers, against 199 for the default loop under
-Triton 3.6 and 246 under Triton 3.9 (cuobjdump). Same state; the parity tests run it too."""
+sizes, warps and chunk are powers of two."""
 
 _ABLATE = 0
 """Diagnostics for `benchmarks/kernel_sweep.py` only: a bitmask of stream-kernel stages to leave
-out (1: centring and merging the moments, 2: histogram, 4: quantile buckets, 8: top-K and
+out (1: float64 power sums, kept in float32 instead, 2: histogram, 4: quantile buckets, 8: top-K and
 bottom-K candidates, 16: the per-token power sums). The state comes out wrong; time differences
 say what each stage costs. Never set while recording."""
 
@@ -735,7 +768,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
     dummy = top_max  # any tensor: pointers of disabled features are never dereferenced
     _stream_kernel[(nb, splits)](
         x, x.stride(0), x.stride(1), ids, bqprio,
-        top_max, neg_min if neg else dummy, prefix_max, quant_bounds, quant_prio, hist, hist_range,
+        top_max, neg_min if neg else dummy, prefix_max, quant_bounds, quant_prio, hist, hist_range, moments,
         sc["pmom"], sc["pmm"], sc["pint"],
         sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
         flag,
@@ -743,8 +776,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
         N, T, quantile_prefix, row_lo, row_hi, rps, splits,
         K=K, BLOCK_N=bn, CHUNK=min(TUNING["chunk"], T_PAD) if acts.is_cuda else min(8, T_PAD),
         NEG=neg, HIST=hist_on, QUANT=quant,
-        Q=Q, S=S, H=H, ACT=act, SKIP=skip,
-        LEAN=bool(TUNING["lean"]), ABLATE=_ABLATE,
+        Q=Q, S=S, H=H, ACT=act, SKIP=skip, ABLATE=_ABLATE,
         num_warps=TUNING["num_warps"] if acts.is_cuda else 4,
     )
     _finish_kernel[(triton.cdiv(N, fbn),)](
@@ -756,7 +788,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
         sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
         flag,
         N, T, row_lo, row_hi, rps, splits,
-        K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn, T_PAD=T_PAD, CB=16,
+        K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn, T_PAD=T_PAD, CB=16, SB=16,
         NEG=neg, QUANT=quant, RANDOM=bool(do_random) and R > 0,
         num_warps=TUNING["finish_warps"] if acts.is_cuda else 4,
     )

@@ -70,12 +70,6 @@ def test_activate_update_matches_reference(activation, dtype, skip, seed, device
         assert_states_equal(want, got, torch.cat(seen), msg)
 
 
-def test_activate_update_with_lean_moments(seed, device, monkeypatch):
-    # TUNING lean=1 (moments merged once per row split) where the activations are produced.
-    monkeypatch.setitem(tu.TUNING, "lean", 1)
-    test_activate_update_matches_reference("silu_mul", torch.bfloat16, 1, seed, device)
-
-
 def test_activate_update_flags_nonfinite_after_the_skipped_tokens(device):
     spec = ref.ReductionSpec(excerpt_len=4, top_k=2, negatives=False, random_k=2, quantile_k=0,
                              quantile_prefix=2, hist_bins=4, seed=0)

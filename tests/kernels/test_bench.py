@@ -92,12 +92,12 @@ def test_kernel_sweep_runs_through_the_interpreter(tmp_path):
     out = tmp_path / "sweep.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "benchmarks/kernel_sweep.py", "--shapes", "tiny", "--configs", "64:4:4",
-                        "--variants", "lean=1", "--ablate", "31", "--reps", "1", "--layers", "1", "--excerpt-len", "8",
+                        "--variants", "finish_warps=2", "--ablate", "31", "--reps", "1", "--layers", "1", "--excerpt-len", "8",
                         "--out", str(out)],
                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["block_n"], row["tuning"]["lean"], row["ablate"]) for row in rows] == [(64, 0, 0), (512, 1, 0), (512, 0, 31)]
+    assert [(row["block_n"], row["tuning"]["finish_warps"], row["ablate"]) for row in rows] == [(64, 4, 0), (512, 2, 0), (512, 4, 31)]
     assert all(row["update_ms"] > 0 for row in rows)
     assert [("fused_ms" in row) for row in rows] == [True, True, False]
     bad = subprocess.run([sys.executable, "benchmarks/kernel_sweep.py", "--ablate", "64"], cwd=root, env=env,

@@ -46,10 +46,9 @@ def clone_state(s: ref.LayerState) -> ref.LayerState:
 
 def assert_moments_close(got: torch.Tensor, want: torch.Tensor, seen: torch.Tensor, msg: str) -> None:
     """The reference computes d = x - c in float32 around the batch mean and sums d^k in float64.
-    The kernel computes d around the neuron's running mean (for the first excerpt of a row split:
-    its first token; with TUNING lean=1, after the first excerpt: that excerpt's mean), sums d^k
-    in float32 over at most CHUNK (8) tokens and then in float64, and re-centres each excerpt's sums
-    (lean: each split's) on their mean in float64. Both centres lie within the data, so
+    The kernel computes d around one shift per neuron and launch (the state's running mean, or
+    before any token the launch's first activation), sums d^k in float32 over at most CHUNK (8)
+    tokens and then in float64, and re-centres the batch's sums on the batch mean in float64. Both centres lie within the data, so
     rounding d costs at most 2^-24 * (|x| + |c|) <= 2^-23 max|x| per element, which moves
     M_k = sum d^k by at most k * 2^-23 * max|x| * sum |d|^(k-1) (the mean by 2^-23 max|x|). The
     kernel's float32 powers and short sums add at most (k + 8) * 2^-24 * sum |d|^k
@@ -142,16 +141,13 @@ def test_parity_with_large_seeds(spec_seed, seed, device):
     assert (want.quant_ids >= 0).any()
 
 
-def test_parity_lean_moments(seed, device, monkeypatch):
-    # TUNING lean=1 (moments merged once per row split): the same state as the reference. Row
-    # splits of 3 excerpts leave 1-excerpt splits (nothing after the first excerpt); the 12-row
-    # split of the second run has a long run of excerpts after it.
-    monkeypatch.setitem(tu.TUNING, "lean", 1)
-    spec = ref.ReductionSpec(excerpt_len=10, top_k=9, negatives=True, random_k=5, quantile_k=2,
-                             quantile_prefix=12, hist_bins=6, seed=seed % 1000)
-    run_sequence(spec, 37, torch.bfloat16, [7, 7, 7, 7, 4], seed, device, block_n=16, rows_per_split=3,
+def test_parity_many_row_splits(seed, device):
+    # More row splits (37 of one row) than the finish kernel reads in one step (16), the last
+    # step part-filled; the power sums of every split share the launch's shift.
+    spec = ref.ReductionSpec(excerpt_len=5, top_k=3, negatives=True, random_k=2, quantile_k=2,
+                             quantile_prefix=20, hist_bins=4, seed=seed % 1000)
+    run_sequence(spec, 19, torch.float32, [37, 37, 37], seed, device, block_n=16, rows_per_split=1,
                  finish_block_n=8)
-    run_sequence(spec, 21, torch.float32, [12, 12, 12], seed + 1, device, block_n=32, rows_per_split=12)
 
 
 def test_parity_defaults_tuning_and_strided_view(seed, device):
@@ -267,10 +263,10 @@ def test_scratch_counters_are_left_clear(device):
 
 
 def test_tuning_from_the_environment(monkeypatch):
-    monkeypatch.setenv("NEURONATLAS_TRITON_TUNING", "block_n=256, lean=1,chunk=16")
+    monkeypatch.setenv("NEURONATLAS_TRITON_TUNING", "block_n=256, finish_warps=2,chunk=16")
     t = tu._tuning_from_env()
-    assert (t["block_n"], t["lean"], t["chunk"], t["num_warps"]) == (256, 1, 16, 4)
-    for bad in ("block_n=0", "lean=2", "blocks=4", "chunk=-8", "num_warps=four"):
+    assert (t["block_n"], t["finish_warps"], t["chunk"], t["num_warps"]) == (256, 2, 16, 4)
+    for bad in ("block_n=0", "lean=1", "blocks=4", "chunk=-8", "num_warps=four"):
         monkeypatch.setenv("NEURONATLAS_TRITON_TUNING", bad)
         with pytest.raises(ValueError, match=f"got '{bad}'"):
             tu._tuning_from_env()
