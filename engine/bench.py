@@ -183,8 +183,9 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
     _reset_peak(device)
     updates = select_updates("triton" if backend in (FUSED, SIDE) else backend, device, mode == "compiled")
     side = SideStream(device) if backend == SIDE else None
-    states = [ref.LayerState.empty(spec, n, dtype, device) for n in lm.n_neurons]
-    current: dict = {"sample": ref.RandomSample.empty(spec, device), "first": 0}
+    with torch.inference_mode():  # as the recorder's state (engine.recorder.record)
+        states = [ref.LayerState.empty(spec, n, dtype, device) for n in lm.n_neurons]
+        current: dict = {"sample": ref.RandomSample.empty(spec, device), "first": 0}
     late_flags = LateFlags(device)
     flags: list[torch.Tensor] = []
     base = lm.model.base_model

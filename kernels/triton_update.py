@@ -429,8 +429,9 @@ def _merge_lists(
     element n * stride_ln + g * L. A candidate belongs to list `tag` (0 without HAS_TAG).
     Candidates are taken in (key, row) order, min(C, L) of them; the j-th lands at slot
     j + #(old entries with key <= its key): the old entry wins a tie, being an older excerpt.
-    Where every neuron of the block has at most CB candidates (the common case once the lists
-    have filled) they are loaded once, not once per step. Old entries fill the remaining slots
+    In lists without buckets (top and bottom K), where every neuron of the block has at most CB
+    candidates (the common case once the lists have filled), they are loaded once, not once per
+    step. Old entries fill the remaining slots
     in their order. Then the changed tail of each list is rewritten from the last slot
     backwards, so that an old entry (which only ever moves to a later slot) is read before its
     slot is overwritten: with WIDE, four slots per step, all four read before a barrier and
@@ -869,15 +870,26 @@ def _state_args(state: ref.LayerState) -> tuple:
 
 def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
           row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool, **tuning) -> torch.Tensor:
-    return update_layer_op(acts, batch.ids, batch.quant_prio, batch.random_src, *_state_args(state),
-                           spec.quantile_prefix, row_lo, row_hi, bounds_ready, do_random, **tuning)
+    """One launch pair: through the custom op while torch.compile traces (the op is what puts the
+    update in the graph), else straight to the launcher. Through the dispatcher an eager call
+    cost about 0.6 ms of host time on a 2-core Xeon (torch 2.13), most of it in torch's
+    `fill_defaults`, which rebuilds the op's 33-argument schema once per argument; straight to the
+    launcher about 0.06 ms (kernels stubbed out, /tmp measurement in benchmarks/RESULTS.md)."""
+    args = (batch.ids, batch.quant_prio, batch.random_src, *_state_args(state), spec.quantile_prefix, row_lo,
+            row_hi, bounds_ready, do_random)
+    if torch.compiler.is_compiling():
+        return update_layer_op(acts, *args, **tuning)
+    return _launch(acts, *args, **tuning)
 
 
 def _call_fused(state, spec, pre, up, y, act, skip, batch, row_lo, row_hi, bounds_ready, do_random,
                 **tuning) -> torch.Tensor:
-    return activate_update_op(pre, up, y, act, skip, batch.ids, batch.quant_prio, batch.random_src,
-                              *_state_args(state), spec.quantile_prefix, row_lo, row_hi, bounds_ready,
-                              do_random, **tuning)
+    """`_call` for the path that produces the activations."""
+    args = (batch.ids, batch.quant_prio, batch.random_src, *_state_args(state), spec.quantile_prefix, row_lo,
+            row_hi, bounds_ready, do_random)
+    if torch.compiler.is_compiling():
+        return activate_update_op(pre, up, y, act, skip, *args, **tuning)
+    return _launch(y[:, skip:], *args, fused=(pre, up, y, act, skip), **tuning)
 
 
 def _fold(state: ref.LayerState, spec: ref.ReductionSpec, batch: ref.Batch, B: int, T: int, call) -> torch.Tensor:

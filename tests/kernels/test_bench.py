@@ -103,3 +103,20 @@ def test_kernel_sweep_runs_through_the_interpreter(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/kernel_sweep.py", "--ablate", "64"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected bitmasks 1..31" in bad.stderr
+
+
+def test_launch_overhead_runs_anywhere(tmp_path):
+    """benchmarks/launch_overhead.py (host time per update call, kernels stubbed) keeps working."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "overhead.json"
+    r = subprocess.run([sys.executable, "benchmarks/launch_overhead.py", "--neurons", "40", "--batch", "3",
+                        "--excerpt-len", "4", "--reps", "5", "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["update_layer_us"] > 0 and result["custom_op_us"] > 0 and result["custom_op_ordinary_state_us"] > 0
+    assert "host time per layer call" in r.stdout
