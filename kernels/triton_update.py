@@ -518,6 +518,19 @@ def _merge_lists(
             _slot_write(k, mv0, key0, id0, a0, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
 
 
+@triton.jit
+def _random_slot_read(j, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R: tl.constexpr):
+    """What random-sample slot j receives, [BLOCK_N, T_PAD], and where it changes (slots below
+    the first changed one, negative ones included, never do)."""
+    s = tl.max(tl.where(offs_r == j, rsrc, -1), axis=0)
+    st = zeros2 + s
+    mv = m2 & (st != j) & ((zeros2 + j) >= first_r)
+    from_old = st < R
+    a_old = tl.load(ra + st * T, mask=mv & from_old)
+    a_new = tl.load(xt + (st - R) * sxb, mask=mv & (st >= R))
+    return mv, tl.where(from_old, a_old, a_new)
+
+
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
 def _finish_kernel(
     x_ptr, sxb, sxt, ids_ptr, bqprio_ptr, rsrc_ptr,
@@ -612,8 +625,9 @@ def _finish_kernel(
 
     if RANDOM:
         # The same slot moves for every neuron: slot j takes old slot src (src <= j) or batch row
-        # src - R. Walking from the last changed slot down reads each old slot before it is
-        # overwritten; once the sample has settled no slot changes and the loop is empty.
+        # src - R. Walking from the last changed slot down, four slots per step (all four read,
+        # a barrier, all four written), reads each old slot before it is overwritten; once the
+        # sample has settled no slot changes and the loop is empty.
         offs_r = tl.arange(0, R_PAD)
         rsrc = tl.load(rsrc_ptr + offs_r, mask=offs_r < R, other=0)
         changed = (offs_r < R) & (rsrc != offs_r)
@@ -622,16 +636,18 @@ def _finish_kernel(
         m2 = nmask[:, None] & (offs_t < T)[None, :]
         ra = rand_acts_ptr + n64[:, None] * (R * T) + offs_t[None, :]
         xt = x_ptr + offs_t[None, :].to(tl.int64) * sxt + n64[:, None]
-        for i in range(R - first_r):
+        zeros2 = tl.zeros([BLOCK_N, T_PAD], dtype=tl.int64)
+        for i in range(0, R - first_r, 4):
             j = R - 1 - i
-            s = tl.max(tl.where(offs_r == j, rsrc, -1), axis=0)
-            st = tl.zeros([BLOCK_N, T_PAD], dtype=tl.int64) + s
-            mv = m2 & (st != j)
-            from_old = st < R
-            a_old = tl.load(ra + st * T, mask=mv & from_old)
-            a_new = tl.load(xt + (st - R) * sxb, mask=mv & (st >= R))
-            tl.store(ra + j * T, tl.where(from_old, a_old, a_new), mask=mv)
+            mv0, a0 = _random_slot_read(j, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R)
+            mv1, a1 = _random_slot_read(j - 1, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R)
+            mv2, a2 = _random_slot_read(j - 2, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R)
+            mv3, a3 = _random_slot_read(j - 3, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R)
             tl.debug_barrier()
+            tl.store(ra + j * T, a0, mask=mv0)
+            tl.store(ra + (j - 1) * T, a1, mask=mv1)
+            tl.store(ra + (j - 2) * T, a2, mask=mv2)
+            tl.store(ra + (j - 3) * T, a3, mask=mv3)
 
 
 # ---------------------------------------------------------------------------------------------
