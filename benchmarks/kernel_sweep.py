@@ -124,7 +124,6 @@ def time_update(n: int, B: int, T: int, layers: int, reps: int, dtype, device, f
         out = {k: v / layers for k, v in _kernel_ms(prof, reps).items()}
     else:
         ms = _median_ms(lambda i: run(i + 4, batches[i]), reps)
-    del xs
     return dict(out, ms=ms / layers)
 
 

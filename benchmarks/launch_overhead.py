@@ -67,8 +67,7 @@ def main() -> int:
         return state
 
     def op_args(state):
-        return (acts, batch.ids, batch.quant_prio, batch.random_src, *tu._state_args(state), spec.quantile_prefix,
-                0, a.batch, True, True)
+        return (acts, *tu._op_args(state, spec, batch, 0, a.batch, True, True))
 
     state = state_now()  # ordinary tensors
     with torch.inference_mode():

@@ -723,7 +723,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     start = int(progress["excerpts_done"])
     generation = int(progress.get("generation") or 0)
     # The state is made of inference tensors: a compiled graph's call of the update op then skips
-    # the dispatcher's Python version-counter step (0.54 -> 0.05 ms of host time per layer call on
+    # the dispatcher's Python version-counter step (0.64 -> 0.09 ms of host time per layer call on
     # a 2-core Xeon, benchmarks/launch_overhead.py). It is only changed in inference mode.
     with torch.inference_mode():
         if progress.get("checkpoint"):

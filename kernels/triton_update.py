@@ -8,15 +8,17 @@ and everything that depends on the whole batch happens in a second, small kernel
   and reduces it on the spot: excerpt maximum (and minimum), the power sums of the activations
   around one shift per neuron (float32 within a few tokens, float64 across them), min / max /
   positives / non-finite, prefix maxima, histogram bin (atomic add), quantile bucket. Every
-  quantity is a [BLOCK_N] vector whose neurons stay with their threads, so no reduction crosses threads: on an H200 this was 3x faster than reducing
-  [T, BLOCK_N] tiles along T, which cost a shared-memory round and a barrier per reduction and,
-  at BLOCK_N 128, spilled registers (benchmarks/RESULTS.md). An excerpt whose maximum beats the
-  neuron's current K-th value (or whose priority beats the current S-th of its bucket) is appended
-  to a per-neuron candidate list through an atomic counter. After the first batches almost no
-  excerpt is a candidate, so the common case writes nothing but the partial moments.
+  quantity is a [BLOCK_N] vector whose neurons stay with their threads, so no reduction crosses
+  threads: on an H200 this was 3x faster than reducing [T, BLOCK_N] tiles along T, which cost a
+  shared-memory round and a barrier per reduction and, at BLOCK_N 128, spilled registers
+  (benchmarks/RESULTS.md). An excerpt whose maximum beats the neuron's current K-th value (or
+  whose priority beats the current S-th of its bucket) is appended to a per-neuron candidate list
+  through an atomic counter. Candidates thin out as the lists fill, to about K x B / (excerpts
+  seen) per neuron and batch; a few thousand excerpts in, merging them cost 0.16 ms per GPT-2
+  layer on an H200 against 0.36 for the stream kernel (benchmarks/RESULTS.md, 2026-11-27).
 * `_finish_kernel` (grid: neuron blocks) adds the row splits' power sums, centres them once on the
-  batch mean and merges that batch set into the state (Pebay), then, only in
-  blocks where some neuron has candidates, merges them into the sorted top-K (bottom-K, per-bucket
+  batch mean and merges that batch set into the state (Pebay), then, only in blocks where some
+  neuron has candidates, merges them into the sorted top-K (bottom-K, per-bucket
   bottom-S) lists in exactly the reference's order and copies the per-token activations of the
   admitted excerpts (a re-read of those rows only). It also moves the random sample's slots as
   `Batch.random_src` says. It resets the candidate counters, so the scratch stays ready for the
@@ -884,15 +886,21 @@ def _state_args(state: ref.LayerState) -> tuple:
             state.n_positive)
 
 
+def _op_args(state: ref.LayerState, spec: ref.ReductionSpec, batch: ref.Batch, row_lo: int, row_hi: int,
+             bounds_ready: bool, do_random: bool) -> tuple:
+    """The op's (and the launcher's) arguments after the activations, in their order."""
+    return (batch.ids, batch.quant_prio, batch.random_src, *_state_args(state), spec.quantile_prefix, row_lo,
+            row_hi, bounds_ready, do_random)
+
+
 def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
           row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool, **tuning) -> torch.Tensor:
     """One launch pair: through the custom op while torch.compile traces (the op is what puts the
     update in the graph), else straight to the launcher. Through the dispatcher an eager call
-    cost about 0.6 ms of host time on a 2-core Xeon (torch 2.13), most of it in torch's
+    cost 0.54-0.68 ms of host time on a 2-core Xeon (torch 2.13), most of it in torch's
     `fill_defaults`, which rebuilds the op's 33-argument schema once per argument; straight to the
-    launcher about 0.06 ms (kernels stubbed out, /tmp measurement in benchmarks/RESULTS.md)."""
-    args = (batch.ids, batch.quant_prio, batch.random_src, *_state_args(state), spec.quantile_prefix, row_lo,
-            row_hi, bounds_ready, do_random)
+    launcher 0.05-0.08 ms (kernels stubbed out: benchmarks/launch_overhead.py)."""
+    args = _op_args(state, spec, batch, row_lo, row_hi, bounds_ready, do_random)
     if torch.compiler.is_compiling():
         return update_layer_op(acts, *args, **tuning)
     return _launch(acts, *args, **tuning)
@@ -901,8 +909,7 @@ def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, ba
 def _call_fused(state, spec, pre, up, y, act, skip, batch, row_lo, row_hi, bounds_ready, do_random,
                 **tuning) -> torch.Tensor:
     """`_call` for the path that produces the activations."""
-    args = (batch.ids, batch.quant_prio, batch.random_src, *_state_args(state), spec.quantile_prefix, row_lo,
-            row_hi, bounds_ready, do_random)
+    args = _op_args(state, spec, batch, row_lo, row_hi, bounds_ready, do_random)
     if torch.compiler.is_compiling():
         return activate_update_op(pre, up, y, act, skip, *args, **tuning)
     return _launch(y[:, skip:], *args, fused=(pre, up, y, act, skip), **tuning)

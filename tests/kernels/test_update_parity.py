@@ -48,8 +48,8 @@ def assert_moments_close(got: torch.Tensor, want: torch.Tensor, seen: torch.Tens
     """The reference computes d = x - c in float32 around the batch mean and sums d^k in float64.
     The kernel computes d around one shift per neuron and launch (the state's running mean, or
     before any token the launch's first activation), sums d^k in float32 over at most CHUNK (8)
-    tokens and then in float64, and re-centres the batch's sums on the batch mean in float64. Both centres lie within the data, so
-    rounding d costs at most 2^-24 * (|x| + |c|) <= 2^-23 max|x| per element, which moves
+    tokens and then in float64, and re-centres the batch's sums on the batch mean in float64.
+    Both centres lie within the data, so rounding d costs at most 2^-24 * (|x| + |c|) <= 2^-23 max|x| per element, which moves
     M_k = sum d^k by at most k * 2^-23 * max|x| * sum |d|^(k-1) (the mean by 2^-23 max|x|). The
     kernel's float32 powers and short sums add at most (k + 8) * 2^-24 * sum |d|^k
     <= (k + 8) * 2^-23 * max|x| * sum |d|^(k-1), and its re-centring scales those errors by powers
