@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh 3    # one call after a kernel change: every CUDA test of kernels/,
 #                                       # the sweep (new activations per batch, kernels timed apart),
 #                                       # then eager and compiled recording of both shapes
-#   bash benchmarks/gpu_session.sh diag # where the update's time goes: stream and finish kernels apart
+#   bash benchmarks/gpu_session.sh diag # where the update's time goes: the three kernels apart
 #                                       # (torch.profiler), with and without candidates, stage ablations,
 #                                       # Nsight Compute on one launch of each, and GPT-2 eager recording
 #
@@ -111,7 +111,7 @@ elif [ "$part" = diag ]; then
         --variants 'finish_block_n=32,finish_warps=2' --ablate 8,4 \
         --out "$OUT/sweep_fresh.json"
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
-    step ncu 100 "${NCU:-ncu}" --clock-control none --kernel-name regex:'_(stream|finish)_kernel' --launch-skip 16 \
+    step ncu 100 "${NCU:-ncu}" --clock-control none --kernel-name regex:'_(stream|excerpt|finish)_kernel' --launch-skip 16 \
         --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SourceCounters $PY benchmarks/kernel_sweep.py --shapes gpt2 --fresh --no-fused --configs 512:4:4:8 \
         --variants '' --ablate '' --reps 3 --layers 2 --out "$OUT/ncu_sweep.json"
@@ -125,7 +125,7 @@ else
 fi
 
 echo "=== summary (part $part, $(($(date +%s) - start))s) ==="
-grep -E "^(### |  block_n|  batch|gpt2|[0-9]+ passed|FAILED|E  )|^  _(stream|finish)_kernel|^    (Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Warp Cycles Per Issued|Block Limit Registers|Waves Per SM)" "$log" | grep -v "^### .*: .*benchmarks" | tail -n 120
+grep -E "^(### |  block_n|  batch|gpt2|[0-9]+ passed|FAILED|E  )|^  _(stream|excerpt|finish)_kernel|^    (Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Warp Cycles Per Issued|Block Limit Registers|Waves Per SM)" "$log" | grep -v "^### .*: .*benchmarks" | tail -n 120
 for f in "$OUT"/*.json; do
     [ -f "$f" ] || continue
     case "$f" in *sweep*) continue ;; esac

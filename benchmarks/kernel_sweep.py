@@ -17,10 +17,11 @@ batch folded into `--layers` states (as the recorder does per batch), divided by
 After the launch shapes: `--variants` (other `TUNING` settings on the default shape, such as
 finish_warps=2), then `--ablate`: the plain update with stages of the stream kernel left out
 (`triton_update._ABLATE`; the state comes out wrong, the time difference is what the stage costs:
-1 float64 power sums (float32 instead), 2 histogram, 4 quantile buckets, 8 top-K candidates,
-16 per-token power sums, 31 all of them, leaving loads, maximum, minimum and positives).
-`--fresh` draws new activations for every batch, so that excerpts keep entering the top-K lists
-as in a recording; `--split` adds the stream and finish kernels' own times (torch.profiler).
+1 float64 power sums (float32 instead), 16 per-token power sums (stream kernel); 2 histogram,
+4 quantile buckets, 8 top-K candidates (excerpt kernel); 31 all of them, leaving loads, maximum,
+minimum and positives). `--fresh` draws new activations for every batch, so that excerpts keep
+entering the top-K lists as in a recording; `--split` adds the stream, excerpt and finish
+kernels' own times (torch.profiler).
 
     python benchmarks/kernel_sweep.py --out benchmarks/out/kernel_sweep.json
 """
@@ -69,13 +70,13 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def _kernel_ms(prof, steps: int) -> dict:
-    """Device milliseconds per step of the stream and finish kernels, from a torch.profiler run."""
-    out = {"stream_ms": 0.0, "finish_ms": 0.0}
+    """Device milliseconds per step of the stream, excerpt and finish kernels, from a torch.profiler run."""
+    out = {"stream_ms": 0.0, "excerpt_ms": 0.0, "finish_ms": 0.0}
     for evt in prof.key_averages():
         total = getattr(evt, "device_time_total", None)
         if total is None:
             total = getattr(evt, "cuda_time_total", 0.0)
-        for name in ("stream", "finish"):
+        for name in ("stream", "excerpt", "finish"):
             if f"_{name}_kernel" in evt.key:
                 out[f"{name}_ms"] += total / 1e3 / steps  # the profiler counts microseconds
     return out
@@ -89,8 +90,8 @@ def time_update(n: int, B: int, T: int, layers: int, reps: int, dtype, device, f
     in a recording (after about 4 to 24 batches of B excerpts: K x B / seen candidates per neuron
     and batch); otherwise two tensors alternate and, after the first two batches, nothing beats a
     K-th value (the quantile samples, which sample by excerpt id, still take candidates).
-    split: the timed steps also run under torch.profiler, which adds the stream and finish
-    kernels' own device times (per layer)."""
+    split: the timed steps also run under torch.profiler, which adds the stream, excerpt and
+    finish kernels' own device times (per layer)."""
     spec = ref.ReductionSpec(excerpt_len=T, top_k=50, negatives=False, quantile_prefix=B)
     states = [ref.LayerState.empty(spec, n, dtype, device) for _ in range(layers)]
     sample = ref.RandomSample.empty(spec, device)
@@ -195,7 +196,7 @@ def main() -> int:
                    help="new random activations every batch (excerpts keep entering the top-K lists, as in a "
                    "recording), instead of two tensors alternating")
     p.add_argument("--split", action="store_true",
-                   help="also report the stream and finish kernels' own times (torch.profiler)")
+                   help="also report the stream, excerpt and finish kernels' own times (torch.profiler)")
     p.add_argument("--no-fused", action="store_true", help="time the plain update only")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--reps", type=int, default=20)
@@ -259,13 +260,15 @@ def main() -> int:
             line = (f"  {label}: update {row['update_ms']:.3f} ms ({row['update_GBps']:,.0f} GB/s, "
                     f"{row['update_of_copy']:.2f} of copy)")
             if "update_stream_ms" in row:
-                line += f" [stream {row['update_stream_ms']:.3f} + finish {row['update_finish_ms']:.3f} ms]"
+                line += (f" [stream {row['update_stream_ms']:.3f} + excerpt {row['update_excerpt_ms']:.3f} + "
+                         f"finish {row['update_finish_ms']:.3f} ms]")
             if "fused_ms" in row:
                 line += (f"; fused gelu+update {row['fused_ms']:.3f} ms vs torch gelu {base['gelu_ms']:.3f} "
                          f"(+{row['fused_ms'] - base['gelu_ms']:.3f}) vs gelu then update "
                          f"{base['gelu_ms'] + row['update_ms']:.3f}")
                 if "fused_stream_ms" in row:
-                    line += f" [stream {row['fused_stream_ms']:.3f} + finish {row['fused_finish_ms']:.3f} ms]"
+                    line += (f" [stream {row['fused_stream_ms']:.3f} + excerpt {row['fused_excerpt_ms']:.3f} + "
+                             f"finish {row['fused_finish_ms']:.3f} ms]")
             print(line, flush=True)
             result["rows"].append(row)
             _write(result, args.out)  # after each row: a run cut short keeps what it measured

@@ -5,7 +5,7 @@ this Python time, not by the kernels (small batches; see benchmarks/RESULTS.md).
 `kernels.triton_update.update_layer` (what the recorder calls in eager mode) and the custom op
 `neuronatlas::update_layer_` that a compiled graph calls (on the recorder's state, made of inference
 tensors, and on an ordinary state, where torch adds a Python version-counter step), on CPU tensors
-with the two Triton kernels replaced by no-ops, so it runs anywhere and measures only the launcher, the dispatcher and
+with the three Triton kernels replaced by no-ops, so it runs anywhere and measures only the launcher, the dispatcher and
 our own Python around them. Each number is the median of --reps calls after 20 warm-up calls.
 
     python benchmarks/launch_overhead.py [--neurons 3072] [--batch 256] [--reps 300]
@@ -54,7 +54,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=300)
     p.add_argument("--out", default=None, help="also write the numbers as JSON here")
     a = p.parse_args()
-    tu._stream_kernel, tu._finish_kernel = _Stub(), _Stub()
+    tu._stream_kernel, tu._excerpt_kernel, tu._finish_kernel = _Stub(), _Stub(), _Stub()
     device = torch.device("cpu")
     spec = ref.ReductionSpec(excerpt_len=a.excerpt_len, top_k=50, negatives=False, quantile_prefix=a.batch)
     with torch.inference_mode():  # as in the recorder's loop: activations and batch are inference tensors

@@ -5,7 +5,7 @@
 The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not Triton's compiler: a kernel can
 pass every interpreter test and still fail to lower to PTX (a type the backend rejects, a layout
 it cannot convert, too many registers or too much shared memory). This check drives the real
-launch path (`triton_update.update_layer` on CPU tensors) with the two kernels swapped for
+launch path (`triton_update.update_layer` on CPU tensors) with the three kernels swapped for
 recorders of their arguments, then hands each recorded launch to `triton.compile` for `--arch`
 (ptxas ships inside the triton wheel). It launches nothing; it needs no GPU and no driver.
 
@@ -14,7 +14,8 @@ the quantile samples and histogram (before and after the prefix completes), in e
 each activation function of the path that produces the activations.
 Exit 0 and one line per compiled kernel, or 1 and the first failure. Each line gives the cubin's
 registers per thread and spill stack (cuobjdump, also in the wheel) at the stream kernel's
-`--block-n` (default 64; the GPU default is `TUNING`'s 512) and `--num-warps`.
+`--block-n` (default 64; the GPU default is `TUNING`'s 512) and `--num-warps`, and at the excerpt
+kernel's GPU shape (`TUNING`'s excerpt_warps, one neuron per thread).
 """
 
 from __future__ import annotations
@@ -100,9 +101,10 @@ def record_launches(dtype: torch.dtype, negatives: bool, T: int = 64, top_k: int
     from kernels import triton_update as tu
 
     launches: list = []
-    originals = tu._stream_kernel, tu._finish_kernel
+    originals = tu._stream_kernel, tu._excerpt_kernel, tu._finish_kernel
     tu._stream_kernel = _Recorder(originals[0], launches)
-    tu._finish_kernel = _Recorder(originals[1], launches)
+    tu._excerpt_kernel = _Recorder(originals[1], launches)
+    tu._finish_kernel = _Recorder(originals[2], launches)
     try:
         spec = ref.ReductionSpec(excerpt_len=T, top_k=top_k, negatives=negatives, random_k=random_k,
                                  quantile_k=quantile_k, quantile_prefix=B + B // 2, hist_bins=hist_bins, seed=0)
@@ -122,7 +124,7 @@ def record_launches(dtype: torch.dtype, negatives: bool, T: int = 64, top_k: int
                 up = acts.clone() if activation.endswith("_mul") else None
                 tu.activate_update(state, spec, acts, up, activation, batch, skip=skip, **tuning)
     finally:
-        tu._stream_kernel, tu._finish_kernel = originals
+        tu._stream_kernel, tu._excerpt_kernel, tu._finish_kernel = originals
     return launches
 
 
@@ -152,7 +154,7 @@ def compile_all(arch: int, dtypes: list[torch.dtype], log=print, num_warps: int 
     target = GPUTarget("cuda", arch, 32)
     seen: set = set()
     n = 0
-    from kernels.triton_update import ACTIVATIONS
+    from kernels.triton_update import ACTIVATIONS, TUNING
 
     runs = [(negatives, None, 0) for negatives in (True, False)]
     runs += [(True, activation, 1) for activation in ACTIVATIONS]  # where activations are produced
@@ -162,6 +164,9 @@ def compile_all(arch: int, dtypes: list[torch.dtype], log=print, num_warps: int 
                                                     **sizes):
                 if fn.__name__ == "_stream_kernel":
                     kwargs = dict(kwargs, num_warps=num_warps)
+                elif fn.__name__ == "_excerpt_kernel":  # its GPU shape: one neuron per thread
+                    warps = TUNING["excerpt_warps"]
+                    kwargs = dict(kwargs, BLOCK_N=32 * warps, num_warps=warps)
                 sig, const, options = _signature(fn, args, kwargs)
                 key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())))
                 if key in seen:

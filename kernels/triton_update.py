@@ -1,21 +1,26 @@
-"""Fused per-layer update: `kernels.reference.update_layer` in two Triton launches.
+"""Fused per-layer update: `kernels.reference.update_layer` in three Triton launches.
 
 The reference folds a batch of activations [B, T, N] into a `LayerState` with sorts, gathers and
-float64 copies of the whole tensor. Here the activation tensor is read once, by a streaming kernel,
-and everything that depends on the whole batch happens in a second, small kernel:
+float64 copies of the whole tensor. Here the activation tensor is read once, by a streaming kernel;
+what depends on each excerpt's maximum runs on the [B, N] maxima (1/T of the bytes), and
+everything that depends on the whole batch happens in a third, small kernel:
 
 * `_stream_kernel` (grid: neuron blocks x row splits) reads each excerpt once, token by token,
   and reduces it on the spot: excerpt maximum (and minimum), the power sums of the activations
   around one shift per neuron (float32 within a few tokens, float64 across them), min / max /
-  positives / non-finite, prefix maxima, histogram bin (atomic add), quantile bucket. Every
-  quantity is a [BLOCK_N] vector whose neurons stay with their threads, so no reduction crosses
-  threads: on an H200 this was 3x faster than reducing [T, BLOCK_N] tiles along T, which cost a
-  shared-memory round and a barrier per reduction and, at BLOCK_N 128, spilled registers
-  (benchmarks/RESULTS.md). An excerpt whose maximum beats the neuron's current K-th value (or
-  whose priority beats the current S-th of its bucket) is appended to a per-neuron candidate list
-  through an atomic counter. Candidates thin out as the lists fill, to about K x B / (excerpts
-  seen) per neuron and batch; a few thousand excerpts in, merging them cost 0.16 ms per GPT-2
-  layer on an H200 against 0.36 for the stream kernel (benchmarks/RESULTS.md, 2026-11-27).
+  positives / non-finite. Every quantity is a [BLOCK_N] vector whose neurons stay with their
+  threads, so no reduction crosses threads: on an H200 this was 3x faster than reducing
+  [T, BLOCK_N] tiles along T, which cost a shared-memory round and a barrier per reduction and,
+  at BLOCK_N 128, spilled registers (benchmarks/RESULTS.md). It writes each excerpt's maximum
+  (and minimum) to a [B, N] scratch, contiguous in N.
+* `_excerpt_kernel` (grid: neuron blocks of one neuron per thread x row splits) reads those and
+  writes the prefix maxima, the histogram bins (atomic add) and the candidates: an excerpt whose
+  maximum beats the neuron's current K-th value (or whose priority beats the current S-th of its
+  bucket) is appended to a per-neuron candidate list through an atomic counter. Candidates thin
+  out as the lists fill, to about K x B / (excerpts seen) per neuron and batch; a few thousand
+  excerpts in, merging them cost 0.16 ms per GPT-2 layer on an H200 against 0.36 for the stream
+  kernel (benchmarks/RESULTS.md, 2026-11-27). This work sat in the stream kernel until
+  2026-11-27; see `_stream_kernel` for why it moved.
 * `_finish_kernel` (grid: neuron blocks) adds the row splits' power sums, centres them once on the
   batch mean and merges that batch set into the state (Pebay), then, only in blocks where some
   neuron has candidates, merges them into the sorted top-K (bottom-K, per-bucket
@@ -34,7 +39,7 @@ walked from the end.
 Nothing reads back to the host: the batch's first excerpt id (hence the token count before the
 batch, first_id * T, and the prefix rows) is read from `Batch.ids` on the device. The only host-side
 step is `set_boundaries` (the reference's torch code) when the prefix completes inside a batch: that
-batch is processed as two launch pairs, rows before and after the prefix end.
+batch is processed as two launch triples, rows before and after the prefix end.
 
 The op is registered with `torch.library.custom_op` (it mutates the state tensors in place), so a
 `torch.compile`d model calls it inside its graph; `update_layer_in_graph` is that entry point.
@@ -154,23 +159,32 @@ def _token(xp, up, yp, t, sxt, sut, syt, mask, ACT: tl.constexpr, STORE: tl.cons
 
 @triton.jit
 def _chunk(xb, ub, yb, t0, sxt, sut, syt, nmask, zeros_n, T, shift, emax, emin, pos, s1, s2, s3, s4,
-           CHUNK: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr, SUMS: tl.constexpr):
+           CHUNK: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr, SUMS: tl.constexpr, EVEN: tl.constexpr):
     """Tokens t0 .. t0 + CHUNK - 1 of one excerpt folded into its maximum, minimum, positives and
     the power sums of d = x - shift (float32 over the chunk, added to the float64 sums). The
-    CHUNK loads are unrolled so that they are in flight together."""
+    CHUNK loads are unrolled so that they are in flight together. EVEN (CHUNK divides T): every
+    token of the chunk exists, and no per-element select guards the tail (3 of the 16 SASS
+    instructions per element, sm_90)."""
     a1 = tl.zeros(emax.shape, dtype=tl.float32)
     a2 = tl.zeros(emax.shape, dtype=tl.float32)
     a3 = tl.zeros(emax.shape, dtype=tl.float32)
     a4 = tl.zeros(emax.shape, dtype=tl.float32)
     for j in tl.static_range(CHUNK):
         t = t0 + j
-        live = (zeros_n + t) < T  # a vector: Triton 3.9's interpreter refuses a scalar in a mask
-        x = _token(xb, ub, yb, t, sxt, sut, syt, nmask & live, ACT, True, OUT)
-        emax = tl.where(live, tl.maximum(emax, x), emax)
-        emin = tl.where(live, tl.minimum(emin, x), emin)
-        pos += (live & (x > 0)).to(tl.int32)  # masked loads give 0: never positive
-        if SUMS:
+        if EVEN:
+            x = _token(xb, ub, yb, t, sxt, sut, syt, nmask, ACT, True, OUT)
+            emax = tl.maximum(emax, x)
+            emin = tl.minimum(emin, x)
+            pos += (x > 0).to(tl.int32)  # masked loads give 0: never positive
+            d = x - shift
+        else:
+            live = (zeros_n + t) < T  # a vector: Triton 3.9's interpreter refuses a scalar in a mask
+            x = _token(xb, ub, yb, t, sxt, sut, syt, nmask & live, ACT, True, OUT)
+            emax = tl.where(live, tl.maximum(emax, x), emax)
+            emin = tl.where(live, tl.minimum(emin, x), emin)
+            pos += (live & (x > 0)).to(tl.int32)
             d = tl.where(live, x - shift, 0.0)
+        if SUMS:
             d2 = d * d
             a1 += d
             a2 += d2
@@ -182,23 +196,27 @@ def _chunk(xb, ub, yb, t0, sxt, sut, syt, nmask, zeros_n, T, shift, emax, emin, 
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
 def _stream_kernel(
     x_ptr, sxb, sxt,  # activations [B, T, N] (pre-activations with ACT), neuron stride 1
-    ids_ptr, bqprio_ptr,  # [B] excerpt ids, [B] quantile priorities
-    top_max_ptr, neg_min_ptr, prefix_ptr, qbounds_ptr, qprio_ptr, hist_ptr, hrange_ptr, mom_ptr,
+    ids_ptr, mom_ptr,  # [B] excerpt ids, the state's moments [N, 4]
     pmom_ptr, pmm_ptr, pint_ptr,  # partials: [4, splits, N] f64, [3, splits, N] f32, [2, splits, N] i32
-    cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
+    emax_ptr, emin_ptr,  # [B, N]: each excerpt's maximum and minimum (exact in the activations' dtype)
     flag_ptr,
     u_ptr, sub, sut,  # with a gated ACT: the up projection [B, SKIP + T, N]
     y_ptr, syb, syt,  # with ACT: where the activations go [B, SKIP + T, N]
-    N, T, P, row_lo, row_hi, rows_per_split, n_splits,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    NEG: tl.constexpr, HIST: tl.constexpr, QUANT: tl.constexpr,
-    Q: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
-    ACT: tl.constexpr, SKIP: tl.constexpr, ABLATE: tl.constexpr,
+    N, T, row_lo, row_hi, rows_per_split, n_splits,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, NEG: tl.constexpr,
+    ACT: tl.constexpr, SKIP: tl.constexpr, ABLATE: tl.constexpr, EVEN: tl.constexpr,
 ):
     """With ACT = 0, x holds the activations. Otherwise x holds the pre-activations (the gate,
     with a gated ACT), [B, SKIP + T, N]: the kernel computes the activations, writes them all to y
     (the first SKIP tokens of each excerpt too: a BOS the model sees but the statistics skip),
-    and reduces the T after the skipped ones exactly as it reduces stored activations."""
+    and reduces the T after the skipped ones exactly as it reduces stored activations.
+
+    Per excerpt it writes only the maximum (and minimum) of each neuron, contiguous in N: what
+    depends on an excerpt's maximum (candidates, histogram, quantile bucket, prefix) happens in
+    `_excerpt_kernel`. Scattered stores and atomics here would make Triton convert the block's
+    [BLOCK_N] vectors to one element per thread through shared memory, about 20 barriers per
+    excerpt, and their addresses and thresholds held about 100 registers per thread (sm_90,
+    BLOCK_N 512: 230 registers with them, 128 without)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,17 +227,8 @@ def _stream_kernel(
         tl.store(flag_ptr, 0)
 
     first_id = tl.load(ids_ptr)
-    prefix_rows = tl.minimum(tl.maximum(P - first_id, 0), row_hi)
     r0 = row_lo + pid_s * rows_per_split
     r1 = tl.minimum(r0 + rows_per_split, row_hi)
-
-    # Masked-out neurons get thresholds that nothing beats.
-    kth = tl.load(top_max_ptr + n64 * K + (K - 1), mask=nmask, other=float("inf"))
-    if NEG:
-        nkth = tl.load(neg_min_ptr + n64 * K + (K - 1), mask=nmask, other=float("-inf"))
-    if HIST:
-        lo = tl.load(hrange_ptr + n64 * 2, mask=nmask, other=0.0)
-        hi = tl.load(hrange_ptr + n64 * 2 + 1, mask=nmask, other=1.0)
 
     vmin = tl.full([BLOCK_N], float("inf"), tl.float32)
     vmax = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -277,46 +286,12 @@ def _stream_kernel(
         for t0 in range(0, T, CHUNK):
             emax, emin, pos, s1, s2, s3, s4 = _chunk(
                 xb, ub, yb, t0, sxt, sut, syt, nmask, zeros_n, T, shift, emax, emin, pos, s1, s2, s3, s4,
-                CHUNK, ACT, y_ptr.dtype.element_ty, (ABLATE & 16) == 0)
+                CHUNK, ACT, y_ptr.dtype.element_ty, (ABLATE & 16) == 0, EVEN)
         vmax = tl.maximum(vmax, emax)
         vmin = tl.minimum(vmin, emin)
-
-        if b < prefix_rows:
-            tl.store(prefix_ptr + n64 * P + (first_id + b), emax, mask=nmask)
-        post = (tl.zeros([BLOCK_N], dtype=tl.int64) + b) >= prefix_rows
-
-        # Candidates: strictly better than the current K-th (ties lose to older excerpts).
-        is_c = (emax > kth) & ((ABLATE & 8) == 0)
-        slot = tl.atomic_add(cnt_ptr + offs_n, 1, mask=is_c, sem="relaxed")
-        tl.store(ctop_val_ptr + slot.to(tl.int64) * N + n64, emax, mask=is_c)
-        tl.store(ctop_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
+        tl.store(emax_ptr + b64 * N + n64, emax.to(emax_ptr.dtype.element_ty), mask=nmask)
         if NEG:
-            is_c = (emin < nkth) & ((ABLATE & 8) == 0)
-            slot = tl.atomic_add(cnt_ptr + N + offs_n, 1, mask=is_c, sem="relaxed")
-            tl.store(cneg_val_ptr + slot.to(tl.int64) * N + n64, emin, mask=is_c)
-            tl.store(cneg_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
-        if HIST and (ABLATE & 2) == 0:
-            # IEEE division (not the approximate one) so that bins equal torch's bit for bit.
-            f = tl.floor(tl.math.div_rn(emax - lo, hi - lo) * H)
-            f = tl.minimum(tl.maximum(f, 0.0), H - 1.0)
-            f = tl.where(f == f, f, 0.0)  # NaN (the batch is flagged): any bin, never a wild address
-            h = f.to(tl.int32) + 1
-            h = tl.where(emax < lo, 0, h)
-            h = tl.where(emax > hi, H + 1, h)
-            tl.atomic_add(hist_ptr + n64 * (H + 2) + h, 1, mask=nmask & post, sem="relaxed")
-        if QUANT and (ABLATE & 4) == 0:
-            # The bucket's boundaries and its current S-th priority are re-read per excerpt (from
-            # the cache: a block's are a few KB) rather than held in registers, [BLOCK_N, Q] each.
-            bucket = tl.zeros([BLOCK_N], dtype=tl.int32)
-            for q in tl.static_range(Q - 1):
-                bq = tl.load(qbounds_ptr + n64 * (Q - 1) + q, mask=nmask, other=float("inf"))
-                bucket += (emax >= bq).to(tl.int32)
-            t_q = tl.load(qprio_ptr + n64 * (Q * S) + bucket * S + (S - 1), mask=nmask, other=0)
-            prio = tl.load(bqprio_ptr + b)
-            is_c = nmask & post & (prio < t_q)
-            slot = tl.atomic_add(cnt_ptr + 2 * N + offs_n, 1, mask=is_c, sem="relaxed")
-            tl.store(cq_row_ptr + slot.to(tl.int64) * N + n64, b, mask=is_c)
-            tl.store(cq_tag_ptr + slot.to(tl.int64) * N + n64, bucket, mask=is_c)
+            tl.store(emin_ptr + b64 * N + n64, emin.to(emin_ptr.dtype.element_ty), mask=nmask)
 
     # A NaN or an infinity anywhere in the split makes its sum non-finite (as the reference's s1).
     bad = ((s1 != s1) | (tl.abs(s1) == float("inf"))).to(tl.int32)
@@ -331,7 +306,142 @@ def _stream_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel 2: merge the partials and the candidates
+# Kernel 2: what depends on each excerpt's maximum
+
+
+@triton.jit
+def _bucket(em, qbounds_ptr, qprio_ptr, n64, nmask, Q: tl.constexpr, S: tl.constexpr):
+    """Each neuron's quantile bucket of the maximum em, and that bucket's current S-th priority.
+    The boundaries are re-read from the cache (a block's are a few KB) rather than held in
+    registers."""
+    bucket = tl.zeros(em.shape, dtype=tl.int32)
+    for q in tl.static_range(Q - 1):
+        bq = tl.load(qbounds_ptr + n64 * (Q - 1) + q, mask=nmask, other=float("inf"))
+        bucket += (em >= bq).to(tl.int32)
+    t_q = tl.load(qprio_ptr + n64 * (Q * S) + bucket * S + (S - 1), mask=nmask, other=0)
+    return bucket, t_q
+
+
+@triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split"])
+def _excerpt_kernel(
+    emax_ptr, emin_ptr,  # [B, N], from the stream kernel
+    ids_ptr, bqprio_ptr,  # [B] excerpt ids, [B] quantile priorities
+    top_max_ptr, neg_min_ptr, prefix_ptr, qbounds_ptr, qprio_ptr, hist_ptr, hrange_ptr,
+    cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
+    N, P, row_lo, row_hi, rows_per_split,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr,
+    NEG: tl.constexpr, HIST: tl.constexpr, QUANT: tl.constexpr,
+    Q: tl.constexpr, S: tl.constexpr, H: tl.constexpr, ABLATE: tl.constexpr,
+):
+    """What depends on each excerpt's maximum (minimum), for rows row_lo .. row_hi of the batch:
+    the prefix maxima, the histogram bin (atomic add), and the candidates of the top-K, bottom-K
+    and quantile lists, appended to per-neuron lists that the finish kernel merges. An excerpt is
+    a top-K candidate when its maximum is strictly above the neuron's K-th value (ties lose to
+    older excerpts), a quantile candidate when its priority is below the S-th of its bucket.
+
+    On a GPU, BLOCK_N is 32 x warps (one neuron per thread), so that the scattered stores and
+    atomics keep the layout of the loads. Rows go RB at a time: the first pass loads their
+    maxima together and counts each neuron's candidates, one atomic per list reserves their slots,
+    and the second pass writes them (the maxima come back from the L1 cache)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    zeros_n = tl.zeros([BLOCK_N], dtype=tl.int32)
+    first_id = tl.load(ids_ptr)
+    prefix_rows = tl.minimum(tl.maximum(P - first_id, 0), row_hi)
+    r0 = row_lo + pid_s * rows_per_split
+    r1 = tl.minimum(r0 + rows_per_split, row_hi)
+    TOP: tl.constexpr = (ABLATE & 8) == 0
+    DO_HIST: tl.constexpr = HIST and (ABLATE & 2) == 0
+    DO_QUANT: tl.constexpr = QUANT and (ABLATE & 4) == 0
+    tl.static_assert(RB <= 32, "one bit per row of a group in an int32 mask")
+
+    # Masked-out neurons get thresholds that nothing beats.
+    kth = tl.load(top_max_ptr + n64 * K + (K - 1), mask=nmask, other=float("inf"))
+    if NEG:
+        nkth = tl.load(neg_min_ptr + n64 * K + (K - 1), mask=nmask, other=float("-inf"))
+    if DO_HIST:
+        lo = tl.load(hrange_ptr + n64 * 2, mask=nmask, other=0.0)
+        hi = tl.load(hrange_ptr + n64 * 2 + 1, mask=nmask, other=1.0)
+
+    for g0 in range(r0, r1, RB):
+        # Pass 1: which of the RB rows are candidates (bit i of a mask per neuron), and how many.
+        m_top = zeros_n
+        m_neg = zeros_n
+        m_q = zeros_n
+        n_top = zeros_n
+        n_neg = zeros_n
+        n_q = zeros_n
+        for i in tl.static_range(RB):
+            b = g0 + i
+            live = nmask & ((zeros_n + b) < r1)
+            at = tl.cast(b, tl.int64) * N + n64
+            em = tl.load(emax_ptr + at, mask=live, other=float("-inf")).to(tl.float32)
+            if TOP:
+                c = live & (em > kth)
+                m_top |= c.to(tl.int32) << i
+                n_top += c.to(tl.int32)
+            if NEG and TOP:
+                en = tl.load(emin_ptr + at, mask=live, other=float("inf")).to(tl.float32)
+                c = live & (en < nkth)
+                m_neg |= c.to(tl.int32) << i
+                n_neg += c.to(tl.int32)
+            if DO_QUANT:
+                bucket, t_q = _bucket(em, qbounds_ptr, qprio_ptr, n64, live, Q, S)
+                prio = tl.load(bqprio_ptr + tl.minimum(b, r1 - 1))  # rows past r1 are not live
+                c = live & ((zeros_n + b) >= prefix_rows) & (prio < t_q)
+                m_q |= c.to(tl.int32) << i
+                n_q += c.to(tl.int32)
+        # One atomic per list and neuron reserves the slots of the group's candidates.
+        if TOP:
+            s_top = tl.atomic_add(cnt_ptr + offs_n, n_top, mask=n_top > 0, sem="relaxed")
+        if NEG and TOP:
+            s_neg = tl.atomic_add(cnt_ptr + N + offs_n, n_neg, mask=n_neg > 0, sem="relaxed")
+        if DO_QUANT:
+            s_q = tl.atomic_add(cnt_ptr + 2 * N + offs_n, n_q, mask=n_q > 0, sem="relaxed")
+        # Pass 2: write the candidates, the histogram bins and the prefix maxima.
+        for i in tl.static_range(RB):
+            b = g0 + i
+            b64 = tl.cast(b, tl.int64)
+            live = nmask & ((zeros_n + b) < r1)
+            em = tl.load(emax_ptr + b64 * N + n64, mask=live, other=float("-inf")).to(tl.float32)
+            if TOP:
+                c = ((m_top >> i) & 1) != 0
+                slot = s_top.to(tl.int64)
+                tl.store(ctop_val_ptr + slot * N + n64, em, mask=c)
+                tl.store(ctop_row_ptr + slot * N + n64, zeros_n + b, mask=c)
+                s_top += c.to(tl.int32)
+            if NEG and TOP:
+                c = ((m_neg >> i) & 1) != 0
+                en = tl.load(emin_ptr + b64 * N + n64, mask=c, other=float("inf")).to(tl.float32)
+                slot = s_neg.to(tl.int64)
+                tl.store(cneg_val_ptr + slot * N + n64, en, mask=c)
+                tl.store(cneg_row_ptr + slot * N + n64, zeros_n + b, mask=c)
+                s_neg += c.to(tl.int32)
+            post = (zeros_n + b) >= prefix_rows
+            tl.store(prefix_ptr + n64 * P + (first_id + b), em, mask=live & ~post)
+            if DO_HIST:
+                # IEEE division (not the approximate one) so that bins equal torch's bit for bit.
+                f = tl.floor(tl.math.div_rn(em - lo, hi - lo) * H)
+                f = tl.minimum(tl.maximum(f, 0.0), H - 1.0)
+                f = tl.where(f == f, f, 0.0)  # NaN (the batch is flagged): any bin, never a wild address
+                h = f.to(tl.int32) + 1
+                h = tl.where(em < lo, 0, h)
+                h = tl.where(em > hi, H + 1, h)
+                tl.atomic_add(hist_ptr + n64 * (H + 2) + h, 1, mask=live & post, sem="relaxed")
+            if DO_QUANT:
+                c = ((m_q >> i) & 1) != 0
+                bucket, t_q = _bucket(em, qbounds_ptr, qprio_ptr, n64, c, Q, S)
+                slot = s_q.to(tl.int64)
+                tl.store(cq_row_ptr + slot * N + n64, zeros_n + b, mask=c)
+                tl.store(cq_tag_ptr + slot * N + n64, bucket, mask=c)
+                s_q += c.to(tl.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 3: merge the partials and the candidates
 
 
 @triton.jit
@@ -663,16 +773,17 @@ def _pow2(n: int, lo: int = 1) -> int:
 _SCRATCH: dict = {}
 
 
-def _scratch(device: torch.device, n: int, rows: int, splits: int) -> dict:
+def _scratch(device: torch.device, n: int, rows: int, splits: int, dtype: torch.dtype) -> dict:
     """Candidate lists and partials, kept per (device, stream, N) and grown on demand. The counters
     are zero between launches (the finish kernel resets them), so they are never cleared here.
+    Excerpt maxima and minima are kept in the activations' dtype, which holds them exactly.
     Per stream (`engine.recorder.SideStream`): launches on one stream run in order, so they can
     share one set, and the allocator reuses a set freed on growth only on the stream that
     allocated it, so no launch queued on another stream can still be reading it."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream, n)
     s = _SCRATCH.get(key)
-    if s is None or s["rows"] < rows or s["splits"] < splits:
+    if s is None or s["rows"] < rows or s["splits"] < splits or s["emax"].dtype != dtype:
         rows = max(rows, s["rows"] if s else 0)
         splits = max(splits, s["splits"] if s else 0)
         i32, f32 = torch.int32, torch.float32
@@ -688,14 +799,16 @@ def _scratch(device: torch.device, n: int, rows: int, splits: int) -> dict:
             "pmom": torch.empty((4, splits, n), dtype=torch.float64, device=device),
             "pmm": torch.empty((3, splits, n), dtype=f32, device=device),  # min, max; the shift
             "pint": torch.empty((2, splits, n), dtype=i32, device=device),
+            "emax": torch.empty((rows, n), dtype=dtype, device=device),  # each excerpt's maximum
+            "emin": torch.empty((rows, n), dtype=dtype, device=device),  # and minimum
         }
         _SCRATCH[key] = s
     return s
 
 
-def scratch_bytes(n: int, rows: int, splits: int) -> int:
+def scratch_bytes(n: int, rows: int, splits: int, itemsize: int = 4) -> int:
     """Device bytes of the scratch one layer width needs (shared by all layers of that width)."""
-    return 3 * n * 4 + rows * n * (4 + 4 + 4 + 4 + 4 + 4) + splits * n * (4 * 8 + 3 * 4 + 2 * 4)
+    return 3 * n * 4 + rows * n * (6 * 4 + 2 * itemsize) + splits * n * (4 * 8 + 3 * 4 + 2 * 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -705,7 +818,7 @@ def _sm_count(index: int) -> int:
 
 def _tuning_from_env() -> dict:
     tuning = {"block_n": 512, "programs_per_sm": 4, "num_warps": 4, "chunk": 8, "finish_block_n": 16,
-              "finish_warps": 4}
+              "finish_warps": 4, "excerpt_warps": 4, "excerpt_rows": 16}
     text = os.environ.get("NEURONATLAS_TRITON_TUNING", "")
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")
@@ -719,16 +832,17 @@ def _tuning_from_env() -> dict:
 TUNING = _tuning_from_env()
 """The GPU launch shapes: the stream kernel's BLOCK_N (neurons per program), programs per SM
 (row splits are chosen to reach that many), warps, and CHUNK (tokens whose loads are issued
-together); the finish kernel's BLOCK_N and warps. The defaults scored best, plain and fused update
-together, of the seven shapes `benchmarks/kernel_sweep.py` timed on an H200 (2026-11-26, see
-benchmarks/RESULTS.md). Overridable as NEURONATLAS_TRITON_TUNING="block_n=256,chunk=16"; block
-sizes, warps and chunk are powers of two."""
+together); the finish kernel's BLOCK_N and warps; the excerpt kernel's warps (its BLOCK_N is 32 x
+warps, one neuron per thread) and rows per program. The stream and finish shapes scored best,
+plain and fused update together, of the seven shapes `benchmarks/kernel_sweep.py` timed on an
+H200 (2026-11-26, see benchmarks/RESULTS.md); the excerpt kernel's are untimed. Overridable as
+NEURONATLAS_TRITON_TUNING="block_n=256,chunk=16"; block sizes, warps and chunk are powers of two."""
 
 _ABLATE = 0
 """Diagnostics for `benchmarks/kernel_sweep.py` only: a bitmask of stream-kernel stages to leave
-out (1: float64 power sums, kept in float32 instead, 2: histogram, 4: quantile buckets, 8: top-K and
-bottom-K candidates, 16: the per-token power sums). The state comes out wrong; time differences
-say what each stage costs. Never set while recording."""
+out (1: float64 power sums, kept in float32 instead, 16: the per-token power sums) and of
+excerpt-kernel stages (2: histogram, 4: quantile buckets, 8: top-K and bottom-K candidates). The
+state comes out wrong; time differences say what each stage costs. Never set while recording."""
 
 
 def default_config(n: int, rows: int, device: torch.device) -> tuple[int, int, int]:
@@ -751,7 +865,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
             random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts, hist, hist_range,
             moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi, bounds_ready, do_random,
             block_n=0, rows_per_split=0, finish_block_n=0, fused=None) -> torch.Tensor:
-    """One layer's launch pair. `fused`: None, or (pre, up, y, act, skip) for the path that
+    """One layer's launches. `fused`: None, or (pre, up, y, act, skip) for the path that
     produces the activations: the kernels write act(pre) (* up) into y [B, skip + T, N], and
     `acts` is the view y[:, skip:] that they reduce."""
     B, T, N = acts.shape
@@ -778,25 +892,34 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
     fbn = finish_block_n or fbn
     rps = rows_per_split or rps
     splits = -(-rows // rps)
-    sc = _scratch(acts.device, N, B, splits)
+    sc = _scratch(acts.device, N, B, splits, acts.dtype)
     neg = neg_min is not None
     quant = bool(bounds_ready) and S > 0
     hist_on = bool(bounds_ready)
     nb = triton.cdiv(N, bn)
     T_PAD = _pow2(T)
+    chunk = min(TUNING["chunk"], T_PAD) if acts.is_cuda else min(8, T_PAD)
     dummy = top_max  # any tensor: pointers of disabled features are never dereferenced
     _stream_kernel[(nb, splits)](
-        x, x.stride(0), x.stride(1), ids, bqprio,
-        top_max, neg_min if neg else dummy, prefix_max, quant_bounds, quant_prio, hist, hist_range, moments,
-        sc["pmom"], sc["pmm"], sc["pint"],
-        sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
-        flag,
+        x, x.stride(0), x.stride(1), ids, moments,
+        sc["pmom"], sc["pmm"], sc["pint"], sc["emax"], sc["emin"], flag,
         u, u.stride(0), u.stride(1), y, y.stride(0), y.stride(1),
-        N, T, quantile_prefix, row_lo, row_hi, rps, splits,
-        K=K, BLOCK_N=bn, CHUNK=min(TUNING["chunk"], T_PAD) if acts.is_cuda else min(8, T_PAD),
-        NEG=neg, HIST=hist_on, QUANT=quant,
-        Q=Q, S=S, H=H, ACT=act, SKIP=skip, ABLATE=_ABLATE,
+        N, T, row_lo, row_hi, rps, splits,
+        BLOCK_N=bn, CHUNK=chunk, NEG=neg, ACT=act, SKIP=skip, ABLATE=_ABLATE, EVEN=T % chunk == 0,
         num_warps=TUNING["num_warps"] if acts.is_cuda else 4,
+    )
+    if acts.is_cuda:
+        ebn, ewarps, erps = 32 * TUNING["excerpt_warps"], TUNING["excerpt_warps"], TUNING["excerpt_rows"]
+    else:  # the interpreter: the stream kernel's blocks and splits
+        ebn, ewarps, erps = bn, 4, rps
+    rb = min(8, _pow2(erps))  # rows per group (the interpreter pays for dead rows as for live ones)
+    _excerpt_kernel[(triton.cdiv(N, ebn), -(-rows // erps))](
+        sc["emax"], sc["emin"], ids, bqprio,
+        top_max, neg_min if neg else dummy, prefix_max, quant_bounds, quant_prio, hist, hist_range,
+        sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
+        N, quantile_prefix, row_lo, row_hi, erps,
+        K=K, BLOCK_N=ebn, RB=rb, NEG=neg, HIST=hist_on, QUANT=quant, Q=Q, S=S, H=H, ABLATE=_ABLATE,
+        num_warps=ewarps,
     )
     _finish_kernel[(triton.cdiv(N, fbn),)](
         acts, acts.stride(0), acts.stride(1), ids, bqprio, rsrc,
@@ -895,7 +1018,7 @@ def _op_args(state: ref.LayerState, spec: ref.ReductionSpec, batch: ref.Batch, r
 
 def _call(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
           row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool, **tuning) -> torch.Tensor:
-    """One launch pair: through the custom op while torch.compile traces (the op is what puts the
+    """One layer's launches: through the custom op while torch.compile traces (the op is what puts the
     update in the graph), else straight to the launcher. Through the dispatcher an eager call
     cost 0.54-0.68 ms of host time on a 2-core Xeon (torch 2.13), most of it in torch's
     `fill_defaults`, which rebuilds the op's 33-argument schema once per argument; straight to the
@@ -917,7 +1040,7 @@ def _call_fused(state, spec, pre, up, y, act, skip, batch, row_lo, row_hi, bound
 
 def _fold(state: ref.LayerState, spec: ref.ReductionSpec, batch: ref.Batch, B: int, T: int, call) -> torch.Tensor:
     """Fold a batch of B excerpts of T tokens into `state` through `call(row_lo, row_hi,
-    bounds_ready, do_random)`, one launch pair per row range, and count its tokens.
+    bounds_ready, do_random)`, one set of launches per row range, and count its tokens.
 
     A batch that completes the quantile prefix goes in two ranges: rows before the prefix end,
     then the reference's `set_boundaries` (once per run, from the whole prefix), then the rows

@@ -17,15 +17,18 @@ def test_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--arch", "90", "--dtype", "bf16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("sm_90 ")]
-    # Every feature combination of both kernels in bf16 (the CUDA default; the interpreter tests
-    # cover the other dtypes). Stored activations: negatives on/off x before/after the quantile
-    # prefix (4 stream variants); the finish kernel, negatives on/off x 3 launches: the first
-    # batches (no quantiles), the rows before the prefix end (no quantiles, the random sample
-    # waits for the last launch), the rest (6). Produced activations: 4 activation functions x
-    # before/after (8 stream variants), sharing the finish kernel's.
+    # Every feature combination of the three kernels in bf16 (the CUDA default; the interpreter
+    # tests cover the other dtypes). Stored activations: the stream kernel with negatives on/off
+    # (2 variants); the excerpt kernel, negatives on/off x before/after the quantile prefix (4);
+    # the finish kernel, negatives on/off x 3 launches: the first batches (no quantiles), the rows
+    # before the prefix end (no quantiles, the random sample waits for the last launch), the rest
+    # (6). Produced activations: 4 activation functions (4 stream variants), sharing the other
+    # two kernels' variants.
     stream = [line for line in lines if "_stream_kernel" in line]
-    assert sum("ACT=0" in line for line in stream) == 4
+    assert sum("ACT=0" in line for line in stream) == 2
     assert {line.split("ACT=")[1][0] for line in stream} == {"0", "1", "2", "3", "4"}
-    assert len(stream) == 12
+    assert len(stream) == 6
+    excerpt = [line for line in lines if "_excerpt_kernel" in line]
+    assert len(excerpt) == 4 and all("BLOCK_N=128" in line for line in excerpt)
     assert sum("_finish_kernel" in line for line in lines) == 6
-    assert "18 kernel variants compiled for sm_90" in r.stdout
+    assert "16 kernel variants compiled for sm_90" in r.stdout
