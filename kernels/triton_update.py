@@ -103,19 +103,29 @@ tanh approximation (GPT-2's gelu_new) or with erf (GPT-NeoX), and the gated prod
 act(gate) * up with SiLU (Llama, Mistral, Qwen) or tanh-GELU (Gemma)."""
 
 
+_HW_ROUND = tl.constexpr(not INTERPRET)
+"""Whether float32 -> bfloat16 goes through the hardware's conversion (round to nearest even, one
+instruction per pair), or, in the interpreter, which truncates it, through integer arithmetic."""
+
+
 @triton.jit
 def _gelu_tanh(z):
-    # tanh(w) = 1 - 2 / (1 + exp(2w)): exact at both ends (exp overflows to inf: tanh = 1).
-    w = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    return 0.5 * z * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * w)))
+    # z/2 (1 + tanh(w)) = z sigmoid(2w) = z / (1 + exp(-2w)): one exponential and one division,
+    # with no cancellation in the negative tail (PyTorch's 1 + tanh(w) cancels there; see
+    # tests/kernels/test_activate_parity.py for the tolerance). exp overflows to inf for very
+    # negative z: the result is -0. The division is the approximate one (2 ulp, a reciprocal and
+    # a product on sm_90, against about ten instructions and a branch for the IEEE one).
+    # exp(-2w) = 2^(z (-c - 0.044715 c z^2)) with c = 2 sqrt(2/pi) log2(e), constants folded.
+    e = tl.exp2(z * (-2.302208198144325 - 0.1029432395800235 * (z * z)))
+    return tl.fdiv(z, 1.0 + e, ieee_rounding=False)
 
 
 @triton.jit
 def _round(a, OUT: tl.constexpr):
-    """float32 -> OUT, rounding to nearest even. For bfloat16 in integer arithmetic: Triton's
-    interpreter truncates that conversion, and this way both the interpreter and the compiled
-    kernel round as PyTorch does."""
-    if OUT == tl.bfloat16:
+    """float32 -> OUT, rounding to nearest even. For bfloat16 in the interpreter in integer
+    arithmetic: Triton's interpreter truncates that conversion, and this way both the interpreter
+    and the compiled kernel round as PyTorch does."""
+    if OUT == tl.bfloat16 and not _HW_ROUND:
         bits = a.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         bits = tl.where(a != a, 0x7FC0, bits)  # NaN stays NaN (the carry could make it inf)
@@ -133,7 +143,8 @@ def _activate(z, u, ACT: tl.constexpr, OUT: tl.constexpr):
     elif ACT == 2:
         a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
-        a = _round(z / (1.0 + tl.exp(-z)), OUT).to(tl.float32) * u
+        silu = tl.fdiv(z, 1.0 + tl.exp2(-1.4426950408889634 * z), ieee_rounding=False)  # z sigmoid(z)
+        a = _round(silu, OUT).to(tl.float32) * u
     else:
         a = _round(_gelu_tanh(z), OUT).to(tl.float32) * u
     return _round(a, OUT)
