@@ -508,31 +508,17 @@ def _place(j, best_key, best_row, skey, lm, l3, L: tl.constexpr, marked, before,
 
 
 @triton.jit
-def _slot_read(k, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr, act_ptr, x_base, sxb, tm3, T,
-               L: tl.constexpr, SENT, NEGATE: tl.constexpr):
-    """What slot k of each list receives: (move mask, from-old mask, key, id, activations [.., T])."""
-    s = tl.max(tl.where(l3 == k, src, -1), axis=2)
-    ck = tl.min(tl.where(l3 == k, mark_key, SENT), axis=2)
+def _slot_acts(k, first, msrc, gm, a_base, x_base, sxb, tm3, L: tl.constexpr, T):
+    """What slot k of each list receives, as (where it changes, activation rows [.., T_PAD]): the
+    rows of old slot s (s < L) or of batch row s - L, with s read back from the block's move
+    sources (`msrc`: [BLOCK_N, G_PAD] pointers to each list's first slot)."""
+    s = tl.load(msrc + k, mask=gm, other=0)
     mv = gm & (s != k) & ((s - s + k) >= first)  # a vector: the interpreter refuses a scalar in a mask
-    from_old = mv & (s < L)
-    from_new = mv & (s >= L)
-    row = s - L
-    old_key = tl.load(key_ptr + row_ptr + s, mask=from_old)
-    old_id = tl.load(id_ptr + row_ptr + s, mask=from_old)
-    new_id = tl.load(ids_ptr + row, mask=from_new)
-    if NEGATE:
-        ck = -ck
-    a_old = tl.load(act_ptr + s[:, :, None].to(tl.int64) * T, mask=from_old[:, :, None] & tm3)
-    a_new = tl.load(x_base + row[:, :, None].to(tl.int64) * sxb, mask=from_new[:, :, None] & tm3)
-    return (mv, tl.where(from_old, old_key, ck), tl.where(from_old, old_id, new_id),
-            tl.where(from_old[:, :, None], a_old, a_new))
-
-
-@triton.jit
-def _slot_write(k, mv, key, id, a, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T):
-    tl.store(key_ptr + row_ptr + k, key, mask=mv)
-    tl.store(id_ptr + row_ptr + k, id, mask=mv)
-    tl.store(act_ptr + k * T, a, mask=mv[:, :, None] & tm3)
+    from_old = (mv & (s < L))[:, :, None]
+    from_new = (mv & (s >= L))[:, :, None]
+    a_old = tl.load(a_base + s[:, :, None].to(tl.int64) * T, mask=from_old & tm3)
+    a_new = tl.load(x_base + (s - L)[:, :, None].to(tl.int64) * sxb, mask=from_new & tm3)
+    return mv, tl.where(from_old, a_old, a_new)
 
 
 @triton.jit
@@ -540,7 +526,7 @@ def _merge_lists(
     key_ptr, id_ptr, acts_ptr, stride_ln, stride_an,
     cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max,
     ids_ptr, bkey_ptr, x_ptr, sxb, sxt,
-    offs_n, nmask, N, T,
+    offs_n, nmask, N, T, msrc_ptr, MS,
     G: tl.constexpr, G_PAD: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr, T_PAD: tl.constexpr,
     CB: tl.constexpr, BLOCK_N: tl.constexpr,
     NEGATE: tl.constexpr, KEY_INT: tl.constexpr, KEY_FROM_ROW: tl.constexpr, HAS_TAG: tl.constexpr,
@@ -554,12 +540,15 @@ def _merge_lists(
     j + #(old entries with key <= its key): the old entry wins a tie, being an older excerpt.
     In lists without buckets (top and bottom K), where every neuron of the block has at most CB
     candidates (the common case once the lists have filled), they are loaded once, not once per
-    step. Old entries fill the remaining slots
-    in their order. Then the changed tail of each list is rewritten from the last slot
-    backwards, so that an old entry (which only ever moves to a later slot) is read before its
-    slot is overwritten: with WIDE, four slots per step, all four read before a barrier and
-    written after it (a slot's source is never a later slot, so no step reads what an earlier
-    step wrote)."""
+    step. Old entries fill the remaining slots in their order.
+
+    Then the lists are rewritten. Keys and ids as whole [BLOCK_N, G, L] tiles: every source read
+    before a barrier, every changed slot written after it. The activation rows slot by slot, from
+    the last changed slot backwards, so that an old entry (which only ever moves to a later slot)
+    is read before its slot is overwritten; with WIDE, four slots per step, all four read before a
+    barrier and written after it (a slot's source is never a later slot). Each slot's source comes
+    back from `msrc_ptr` ([N, MS] int32 scratch), where the tile of sources is stored once: taking
+    it out of the register tile cost two cross-thread reductions, with their barriers, per slot."""
     # SENT: the key of an empty slot or of no candidate; 1073741824 (2^30): the row of none.
     if KEY_INT:
         SENT = 9223372036854775807
@@ -605,47 +594,58 @@ def _merge_lists(
             marked, before, mark_key, mark_row, prev_key, prev_row = _place(
                 j, best_key, best_row, skey, lm, l3, L, marked, before, mark_key, mark_row, prev_key, prev_row)
 
-    # Slot k: the candidate marked there, else old entry k - (candidates inserted before k).
+    # Slot l: the candidate marked there, else old entry l - (candidates inserted before l).
     src = tl.where(marked != 0, L + mark_row, l3 - before)
-    first = tl.min(tl.min(tl.where(marked != 0, l3, L), axis=2), axis=1)
-    first = tl.min(first, axis=0)
+    mv = lm & (src != l3)
+    from_old = mv & (src < L)
+    from_new = mv & (src >= L)
+    old_key = tl.load(key_ptr + lptr - l3 + src, mask=from_old)
+    old_id = tl.load(id_ptr + lptr - l3 + src, mask=from_old)
+    new_id = tl.load(ids_ptr + tl.where(from_new, src - L, 0), mask=from_new)
+    if NEGATE:
+        mark_key = -mark_key
+    key = tl.where(from_old, old_key, mark_key)
+    id = tl.where(from_old, old_id, new_id)
+    first = tl.min(tl.min(tl.min(tl.where(mv, l3, L), axis=2), axis=1), axis=0)
+    mrow = msrc_ptr + n64[:, None, None] * MS + offs_g[None, :, None] * L
+    tl.debug_barrier()  # every old key and id read (and the previous list's sources)
+    tl.store(key_ptr + lptr, key, mask=mv)
+    tl.store(id_ptr + lptr, id, mask=mv)
+    tl.store(mrow + l3, src, mask=lm)
+    tl.debug_barrier()  # the sources visible to every thread
+
     offs_t = tl.arange(0, T_PAD)
     t3 = offs_t[None, None, :]
     tm3 = t3 < T
     gm = nmask[:, None] & (offs_g[None, :] < G)
-    row_ptr = n64[:, None] * stride_ln + offs_g[None, :] * L
-    act_ptr = acts_ptr + n64[:, None, None] * stride_an + offs_g[None, :, None] * (L * T) + t3
+    msrc = msrc_ptr + n64[:, None] * MS + offs_g[None, :] * L
+    a_base = acts_ptr + n64[:, None, None] * stride_an + offs_g[None, :, None] * (L * T) + t3
     x_base = x_ptr + t3.to(tl.int64) * sxt + n64[:, None, None]
     if WIDE:
         for i in range(0, L - first, 4):
             k = L - 1 - i
-            mv0, key0, id0, a0 = _slot_read(k, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
-                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
-            mv1, key1, id1, a1 = _slot_read(k - 1, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
-                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
-            mv2, key2, id2, a2 = _slot_read(k - 2, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
-                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
-            mv3, key3, id3, a3 = _slot_read(k - 3, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
-                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
+            mv0, a0 = _slot_acts(k, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
+            mv1, a1 = _slot_acts(k - 1, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
+            mv2, a2 = _slot_acts(k - 2, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
+            mv3, a3 = _slot_acts(k - 3, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
             tl.debug_barrier()
-            _slot_write(k, mv0, key0, id0, a0, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
-            _slot_write(k - 1, mv1, key1, id1, a1, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
-            _slot_write(k - 2, mv2, key2, id2, a2, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
-            _slot_write(k - 3, mv3, key3, id3, a3, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
+            tl.store(a_base + k * T, a0, mask=mv0[:, :, None] & tm3)
+            tl.store(a_base + (k - 1) * T, a1, mask=mv1[:, :, None] & tm3)
+            tl.store(a_base + (k - 2) * T, a2, mask=mv2[:, :, None] & tm3)
+            tl.store(a_base + (k - 3) * T, a3, mask=mv3[:, :, None] & tm3)
     else:
         for i in range(L - first):
             k = L - 1 - i
-            mv0, key0, id0, a0 = _slot_read(k, first, src, mark_key, l3, gm, key_ptr, id_ptr, row_ptr, ids_ptr,
-                                            act_ptr, x_base, sxb, tm3, T, L, SENT, NEGATE)
+            mv0, a0 = _slot_acts(k, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
             tl.debug_barrier()
-            _slot_write(k, mv0, key0, id0, a0, key_ptr, id_ptr, row_ptr, act_ptr, tm3, T)
+            tl.store(a_base + k * T, a0, mask=mv0[:, :, None] & tm3)
 
 
 @triton.jit
-def _random_slot_read(j, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R: tl.constexpr):
+def _random_slot_read(j, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R: tl.constexpr):
     """What random-sample slot j receives, [BLOCK_N, T_PAD], and where it changes (slots below
-    the first changed one, negative ones included, never do)."""
-    s = tl.max(tl.where(offs_r == j, rsrc, -1), axis=0)
+    the first changed one, negative ones included, never do). Its source is one scalar load."""
+    s = tl.load(rsrc_ptr + tl.maximum(j, 0))
     st = zeros2 + s
     mv = m2 & (st != j) & ((zeros2 + j) >= first_r)
     from_old = st < R
@@ -661,7 +661,7 @@ def _finish_kernel(
     qprio_ptr, qids_ptr, qacts_ptr, mom_ptr, amin_ptr, amax_ptr, npos_ptr,
     pmom_ptr, pmm_ptr, pint_ptr,
     cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
-    flag_ptr,
+    flag_ptr, msrc_ptr, MS,
     N, T, row_lo, row_hi, rows_per_split, n_splits,
     K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, Q: tl.constexpr, Q_PAD: tl.constexpr,
     S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr, CB: tl.constexpr,
@@ -725,7 +725,7 @@ def _finish_kernel(
         _merge_lists(top_max_ptr, top_ids_ptr, top_acts_ptr, K, K * T,
                      ctop_val_ptr, ctop_row_ptr, ctop_row_ptr, cnt, c_max,
                      ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
-                     1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, True, False, False, False, True)
+                     msrc_ptr, MS, 1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, True, False, False, False, True)
         tl.store(cnt_ptr + offs_n, 0, mask=nmask)
     if NEG:
         cnt = tl.load(cnt_ptr + N + offs_n, mask=nmask, other=0)
@@ -734,7 +734,7 @@ def _finish_kernel(
             _merge_lists(neg_min_ptr, neg_ids_ptr, neg_acts_ptr, K, K * T,
                          cneg_val_ptr, cneg_row_ptr, cneg_row_ptr, cnt, c_max,
                          ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
-                         1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, False, False, False, False, True)
+                         msrc_ptr, MS, 1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, False, False, False, False, True)
             tl.store(cnt_ptr + N + offs_n, 0, mask=nmask)
     if QUANT:
         cnt = tl.load(cnt_ptr + 2 * N + offs_n, mask=nmask, other=0)
@@ -743,7 +743,7 @@ def _finish_kernel(
             _merge_lists(qprio_ptr, qids_ptr, qacts_ptr, Q * S, Q * S * T,
                          cq_row_ptr, cq_row_ptr, cq_tag_ptr, cnt, c_max,
                          ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
-                         Q, Q_PAD, S, S_PAD, T_PAD, CB, BLOCK_N, False, True, True, True, False)
+                         msrc_ptr, MS, Q, Q_PAD, S, S_PAD, T_PAD, CB, BLOCK_N, False, True, True, True, False)
             tl.store(cnt_ptr + 2 * N + offs_n, 0, mask=nmask)
 
     if RANDOM:
@@ -762,10 +762,10 @@ def _finish_kernel(
         zeros2 = tl.zeros([BLOCK_N, T_PAD], dtype=tl.int64)
         for i in range(0, R - first_r, 4):
             j = R - 1 - i
-            mv0, a0 = _random_slot_read(j, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R)
-            mv1, a1 = _random_slot_read(j - 1, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R)
-            mv2, a2 = _random_slot_read(j - 2, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R)
-            mv3, a3 = _random_slot_read(j - 3, first_r, offs_r, rsrc, zeros2, m2, ra, xt, sxb, T, R)
+            mv0, a0 = _random_slot_read(j, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R)
+            mv1, a1 = _random_slot_read(j - 1, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R)
+            mv2, a2 = _random_slot_read(j - 2, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R)
+            mv3, a3 = _random_slot_read(j - 3, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R)
             tl.debug_barrier()
             tl.store(ra + j * T, a0, mask=mv0)
             tl.store(ra + (j - 1) * T, a1, mask=mv1)
@@ -784,7 +784,7 @@ def _pow2(n: int, lo: int = 1) -> int:
 _SCRATCH: dict = {}
 
 
-def _scratch(device: torch.device, n: int, rows: int, splits: int, dtype: torch.dtype) -> dict:
+def _scratch(device: torch.device, n: int, rows: int, splits: int, dtype: torch.dtype, slots: int) -> dict:
     """Candidate lists and partials, kept per (device, stream, N) and grown on demand. The counters
     are zero between launches (the finish kernel resets them), so they are never cleared here.
     Excerpt maxima and minima are kept in the activations' dtype, which holds them exactly.
@@ -794,9 +794,11 @@ def _scratch(device: torch.device, n: int, rows: int, splits: int, dtype: torch.
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream, n)
     s = _SCRATCH.get(key)
-    if s is None or s["rows"] < rows or s["splits"] < splits or s["emax"].dtype != dtype:
+    if (s is None or s["rows"] < rows or s["splits"] < splits or s["emax"].dtype != dtype
+            or s["msrc"].shape[1] < slots):
         rows = max(rows, s["rows"] if s else 0)
         splits = max(splits, s["splits"] if s else 0)
+        slots = max(slots, s["msrc"].shape[1] if s else 0)
         i32, f32 = torch.int32, torch.float32
         s = {
             "rows": rows, "splits": splits,
@@ -812,14 +814,16 @@ def _scratch(device: torch.device, n: int, rows: int, splits: int, dtype: torch.
             "pint": torch.empty((2, splits, n), dtype=i32, device=device),
             "emax": torch.empty((rows, n), dtype=dtype, device=device),  # each excerpt's maximum
             "emin": torch.empty((rows, n), dtype=dtype, device=device),  # and minimum
+            "msrc": torch.empty((n, slots), dtype=i32, device=device),  # the finish kernel's move sources
         }
         _SCRATCH[key] = s
     return s
 
 
-def scratch_bytes(n: int, rows: int, splits: int, itemsize: int = 4) -> int:
+def scratch_bytes(n: int, rows: int, splits: int, itemsize: int = 4, slots: int = 50) -> int:
     """Device bytes of the scratch one layer width needs (shared by all layers of that width)."""
-    return 3 * n * 4 + rows * n * (6 * 4 + 2 * itemsize) + splits * n * (4 * 8 + 3 * 4 + 2 * 4)
+    return (3 * n * 4 + rows * n * (6 * 4 + 2 * itemsize) + splits * n * (4 * 8 + 3 * 4 + 2 * 4)
+            + n * slots * 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -903,7 +907,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
     fbn = finish_block_n or fbn
     rps = rows_per_split or rps
     splits = -(-rows // rps)
-    sc = _scratch(acts.device, N, B, splits, acts.dtype)
+    sc = _scratch(acts.device, N, B, splits, acts.dtype, max(1, K, Q * S))
     neg = neg_min is not None
     quant = bool(bounds_ready) and S > 0
     hist_on = bool(bounds_ready)
@@ -939,9 +943,10 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
         random_acts, quant_prio, quant_ids, quant_acts, moments, amin, amax, n_positive,
         sc["pmom"], sc["pmm"], sc["pint"],
         sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
-        flag,
+        flag, sc["msrc"], sc["msrc"].shape[1],
         N, T, row_lo, row_hi, rps, splits,
-        K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn, T_PAD=T_PAD, CB=16, SB=16,
+        K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn,
+        T_PAD=T_PAD, CB=16, SB=16,
         NEG=neg, QUANT=quant, RANDOM=bool(do_random) and R > 0,
         num_warps=TUNING["finish_warps"] if acts.is_cuda else 4,
     )
