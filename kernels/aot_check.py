@@ -146,7 +146,51 @@ def resources(cubin: bytes) -> str:
     return " ".join(dict.fromkeys(found))
 
 
-def compile_all(arch: int, dtypes: list[torch.dtype], log=print, num_warps: int = 4, **sizes) -> int:
+def sass_loops(cubin: bytes) -> str:
+    """The loops of a cubin's SASS (nvdisasm, in the Triton wheel), in address order, as
+    "instructions/global loads/barriers" per loop body, inner loops counted inside their outer
+    ones; then the whole kernel's instructions and barriers ('' without nvdisasm). A static view:
+    what a loop iteration issues, not how long it takes."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout
+    labels, code, pending = {}, [], []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            addr = int(m.group(1), 16)
+            labels.update((name, addr) for name in pending)
+            pending = []
+            code.append((addr, m.group(2)))
+    loops = []
+    for addr, ins in code:
+        m = re.search(r"BRA .*`\((\.L_x_\d+)\)", ins)
+        if m and labels.get(m.group(1), addr + 1) < addr:
+            body = [i for a, i in code if labels[m.group(1)] <= a <= addr]
+            loads = sum(bool(re.search(r"\bLDG", i)) for i in body)
+            bars = sum("BAR.SYNC" in i for i in body)
+            loops.append((labels[m.group(1)], f"{len(body)}/{loads}/{bars}"))
+    total_bars = sum("BAR.SYNC" in i for _, i in code)
+    return (f"loops (instr/LDG/BAR): {' '.join(v for _, v in sorted(loops))}; "
+            f"{len(code)} instructions, {total_bars} barriers")
+
+
+def compile_all(arch: int, dtypes: list[torch.dtype], log=print, num_warps: int = 4, sass: bool = False,
+                **sizes) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -181,6 +225,8 @@ def compile_all(arch: int, dtypes: list[torch.dtype], log=print, num_warps: int 
                 log(f"sm_{arch} {fn.__name__} {_TYPES[dtype]} {feats}: "
                     f"{len(compiled.asm['cubin']):,} B cubin, {md.shared:,} B shared, "
                     f"{resources(compiled.asm['cubin'])}, {time.perf_counter() - t0:.1f} s")
+                if sass:
+                    log(f"    {sass_loops(compiled.asm['cubin'])}")
                 n += 1
     return n
 
@@ -198,6 +244,9 @@ def main(argv=None) -> int:
     p.add_argument("--random-k", type=int, default=50, help="random sample size (default 50)")
     p.add_argument("--block-n", type=int, default=64, help="stream kernel's BLOCK_N (default 64)")
     p.add_argument("--num-warps", type=int, default=4, help="stream kernel's warps (default 4)")
+    p.add_argument("--sass", action="store_true",
+                   help="also print each kernel's loops from its SASS: instructions, global loads and barriers per "
+                   "iteration")
     a = p.parse_args(argv)
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtypes = [table[d] for d in (a.dtype or ["bf16", "fp16", "fp32"])]
@@ -207,8 +256,8 @@ def main(argv=None) -> int:
     try:
         from kernels import triton_update
 
-        n = compile_all(a.arch, dtypes, num_warps=a.num_warps, T=a.excerpt_len, n=a.neurons, top_k=a.top_k,
-                        random_k=a.random_k, block_n=a.block_n)
+        n = compile_all(a.arch, dtypes, num_warps=a.num_warps, sass=a.sass, T=a.excerpt_len, n=a.neurons,
+                        top_k=a.top_k, random_k=a.random_k, block_n=a.block_n)
     except Exception as exc:  # the point of the check: report the compiler's complaint
         first = str(exc).strip().splitlines()
         print(f"error: compiling for sm_{a.arch} failed: {type(exc).__name__}: {first[0] if first else ''}",

@@ -14,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; 1 is what it does now
-    r = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--arch", "90", "--dtype", "bf16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # The GPU's launch shape (BLOCK_N 512, a width divisible by 16 as GPT-2's): its register counts.
+    r = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--arch", "90", "--dtype", "bf16", "--block-n", "512",
+                        "--neurons", "3072", "--sass"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = [line for line in r.stdout.splitlines() if line.startswith("sm_90 ")]
+    out = r.stdout.splitlines()
+    lines = [line for line in out if line.startswith("sm_90 ")]
+    loops = {line: out[i + 1] for i, line in enumerate(out[:-1]) if line.startswith("sm_90 ")}
     # Every feature combination of the three kernels in bf16 (the CUDA default; the interpreter
     # tests cover the other dtypes). Stored activations: the stream kernel with negatives on/off
     # (2 variants); the excerpt kernel, negatives on/off x before/after the quantile prefix (4);
@@ -32,3 +36,12 @@ def test_kernels_compile_for_sm90():
     assert len(excerpt) == 4 and all("BLOCK_N=128" in line for line in excerpt)
     assert sum("_finish_kernel" in line for line in lines) == 6
     assert "16 kernel variants compiled for sm_90" in r.stdout
+    # What the split into stream and excerpt kernels is for: no barrier (shared-memory layout
+    # conversion) inside their loops, and a stream kernel on stored activations small enough for
+    # four programs of 128 threads per SM (65,536 registers).
+    for line in stream + excerpt:
+        per_loop = loops[line].split(":")[1].split(";")[0].split()
+        assert per_loop and all(entry.endswith("/0") for entry in per_loop), (line, loops[line])
+    for line in stream:
+        if "ACT=0" in line:
+            assert int(line.split("REG:")[1].split()[0]) <= 128, line
