@@ -368,6 +368,8 @@ def _excerpt_kernel(
     DO_HIST: tl.constexpr = HIST and (ABLATE & 2) == 0
     DO_QUANT: tl.constexpr = QUANT and (ABLATE & 4) == 0
     tl.static_assert(RB <= 32, "one bit per row of a group in an int32 mask")
+    QB: tl.constexpr = max(1, (Q - 1).bit_length())  # bits of a bucket number
+    PACK: tl.constexpr = RB * QB <= 31  # the group's buckets fit one int32: pass 2 need not recompute them
 
     # Masked-out neurons get thresholds that nothing beats.
     kth = tl.load(top_max_ptr + n64 * K + (K - 1), mask=nmask, other=float("inf"))
@@ -382,6 +384,7 @@ def _excerpt_kernel(
         m_top = zeros_n
         m_neg = zeros_n
         m_q = zeros_n
+        q_b = zeros_n  # with PACK, each row's bucket in QB bits
         n_top = zeros_n
         n_neg = zeros_n
         n_q = zeros_n
@@ -405,6 +408,8 @@ def _excerpt_kernel(
                 c = live & ((zeros_n + b) >= prefix_rows) & (prio < t_q)
                 m_q |= c.to(tl.int32) << i
                 n_q += c.to(tl.int32)
+                if PACK:
+                    q_b |= bucket << (i * QB)
         # One atomic per list and neuron reserves the slots of the group's candidates.
         if TOP:
             s_top = tl.atomic_add(cnt_ptr + offs_n, n_top, mask=n_top > 0, sem="relaxed")
@@ -444,7 +449,10 @@ def _excerpt_kernel(
                 tl.atomic_add(hist_ptr + n64 * (H + 2) + h, 1, mask=live & post, sem="relaxed")
             if DO_QUANT:
                 c = ((m_q >> i) & 1) != 0
-                bucket, t_q = _bucket(em, qbounds_ptr, qprio_ptr, n64, c, Q, S)
+                if PACK:
+                    bucket = (q_b >> (i * QB)) & ((1 << QB) - 1)
+                else:
+                    bucket, t_q = _bucket(em, qbounds_ptr, qprio_ptr, n64, c, Q, S)
                 slot = s_q.to(tl.int64)
                 tl.store(cq_row_ptr + slot * N + n64, zeros_n + b, mask=c)
                 tl.store(cq_tag_ptr + slot * N + n64, bucket, mask=c)
