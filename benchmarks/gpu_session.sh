@@ -97,8 +97,9 @@ elif [ "$part" = 3 ]; then
     step cuda_tests 150 env NEURONATLAS_KERNEL_DEVICE=cuda $PY -m pytest -q -n 8 -p no:cacheprovider \
         tests/kernels/test_update_parity.py tests/kernels/test_activate_parity.py \
         tests/kernels/test_record_triton.py tests/kernels/test_record_fused.py
-    step sweep 80 $PY benchmarks/kernel_sweep.py --split --fresh --configs 512:4:4:8,256:4:4:16 \
-        --variants 'finish_block_n=32,finish_warps=2' --ablate 31 --out "$OUT/sweep_fresh.json"
+    step sweep 100 $PY benchmarks/kernel_sweep.py --split --fresh --configs 512:4:4:8,512:3:4:16,256:4:4:16 \
+        --variants 'finish_warps=2,excerpt_rows=8,excerpt_rows=32;excerpt_warps=8' --ablate 31 \
+        --out "$OUT/sweep_fresh.json"
     B=${BACKENDS:-triton,triton-fused}
     bench gpt2_eager 50 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 --backends $B
     bench gpt2xl_eager 60 --models gpt2-xl --batch-sizes 256 --modes eager --steps 5 --backends $B
