@@ -684,7 +684,9 @@ def _finish_kernel(
 
     # Moments: the splits' power sums (one shift per neuron, the stream kernel's) add up to the
     # batch's, centred once on the batch mean into one batch set, which is merged into the state
-    # (Pebay), as the reference does. SB splits are read per step, all loads in flight together.
+    # (Pebay), as the reference does. SB splits are read per step, all loads in flight together;
+    # each step's sums across splits cross threads (24 barriers on sm_90), so SB is 64: one or two
+    # steps for the launch shapes of GPT-2 (88 splits) and GPT-2 XL (41).
     plane = tl.cast(n_splits, tl.int64) * N
     s1 = tl.zeros([BLOCK_N], dtype=tl.float64)
     s2 = tl.zeros([BLOCK_N], dtype=tl.float64)
@@ -954,7 +956,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
         flag, sc["msrc"], sc["msrc"].shape[1],
         N, T, row_lo, row_hi, rps, splits,
         K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn,
-        T_PAD=T_PAD, CB=16, SB=16,
+        T_PAD=T_PAD, CB=16, SB=64,
         NEG=neg, QUANT=quant, RANDOM=bool(do_random) and R > 0,
         num_warps=TUNING["finish_warps"] if acts.is_cuda else 4,
     )
