@@ -141,6 +141,16 @@ def test_parity_with_large_seeds(spec_seed, seed, device):
     assert (want.quant_ids >= 0).any()
 
 
+def test_parity_many_quantile_buckets(seed, device):
+    # Ten buckets take 4 bits each: a group of 8 rows no longer packs its buckets into one int32,
+    # so the excerpt kernel's second pass reads the boundaries again.
+    spec = ref.ReductionSpec(excerpt_len=3, top_k=2, negatives=False, random_k=2, quantile_k=2,
+                             quantile_prefix=12, hist_bins=4,
+                             quantile_probs=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), seed=seed % 1000)
+    want, _ = run_sequence(spec, 11, torch.float32, [12, 12, 12], seed, device, block_n=8, rows_per_split=12)
+    assert (want.quant_ids[:, 5:] >= 0).any()
+
+
 def test_parity_many_row_splits(seed, device):
     # More row splits (70 of one row) than the finish kernel reads in one step (64), the last
     # step part-filled; the power sums of every split share the launch's shift.
