@@ -259,14 +259,21 @@ def _stream_kernel(
         u_row += SKIP * sut
         y_row += SKIP * syt
     # Moments: every split sums the powers of d = x - shift with one shift per neuron, the same in
-    # all splits of the launch: the state's running mean once it has seen tokens, else the first
-    # activation of the launch's first row. The finish kernel adds the splits' sums and centres
-    # them once on the batch mean (float64), so no split merges anything. Both shifts lie within
-    # the data, and the running mean is close to every later batch's mean.
-    first_act = _token(x_row + tl.cast(row_lo, tl.int64) * sxb, u_row + tl.cast(row_lo, tl.int64) * sub, y_row, 0,
-                       sxt, sut, syt, nmask, ACT, False, y_ptr.dtype.element_ty)
-    running = tl.load(mom_ptr + n64 * 4, mask=nmask, other=0.0).to(tl.float32)
-    shift = tl.where((zeros_n + first_id + row_lo) > 0, running, first_act)
+    # all splits of the launch: the state's running mean once it has seen tokens, else the mean of
+    # the launch's first excerpt. The finish kernel adds the splits' sums and centres them once on
+    # the batch mean (float64), so no split merges anything. Re-centring multiplies the float32
+    # sums' rounding by powers of |batch mean - shift|: the running mean is close to every later
+    # batch's mean, and an excerpt's mean is closer to its batch's than a single activation, which
+    # could sit in a tail (the shift until 2026-11-27: a float16 GELU-gated case then exceeded
+    # the test's tolerance on 5% of seeds).
+    shift = tl.load(mom_ptr + n64 * 4, mask=nmask, other=0.0).to(tl.float32)  # the running mean
+    if first_id + row_lo == 0:
+        x0 = x_row + tl.cast(row_lo, tl.int64) * sxb
+        u0 = u_row + tl.cast(row_lo, tl.int64) * sub
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for t in range(0, T):
+            acc += _token(x0, u0, y_row, t, sxt, sut, syt, nmask, ACT, False, y_ptr.dtype.element_ty)
+        shift = acc / T
     shift = tl.where(nmask & (shift == shift), shift, 0.0)
     if (ABLATE & 1) != 0:  # diagnostic: float32 running sums, no float64 arithmetic
         s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
