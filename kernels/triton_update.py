@@ -527,9 +527,12 @@ def _place(j, best_key, best_row, skey, lm, l3, L: tl.constexpr, marked, before,
 def _slot_acts(k, first, msrc, gm, a_base, x_base, sxb, tm3, L: tl.constexpr, T):
     """What slot k of each list receives, as (where it changes, activation rows [.., T_PAD]): the
     rows of old slot s (s < L) or of batch row s - L, with s read back from the block's move
-    sources (`msrc`: [BLOCK_N, G_PAD] pointers to each list's first slot)."""
-    s = tl.load(msrc + k, mask=gm, other=0)
-    mv = gm & (s != k) & ((s - s + k) >= first)  # a vector: the interpreter refuses a scalar in a mask
+    sources (`msrc`: [BLOCK_N, G_PAD] pointers to each list's slot 0). Slots below `first` (a
+    four-slot step's tail goes down to first - 3, below 0 too) neither change nor read a source:
+    reading one at k < 0 would be outside the scratch for the first neuron's first list."""
+    live = gm & ((gm.to(tl.int32) * 0 + k) >= first)  # a vector: the interpreter refuses a scalar in a mask
+    s = tl.load(msrc + k, mask=live, other=k)
+    mv = live & (s != k)
     from_old = (mv & (s < L))[:, :, None]
     from_new = (mv & (s >= L))[:, :, None]
     a_old = tl.load(a_base + s[:, :, None].to(tl.int64) * T, mask=from_old & tm3)
