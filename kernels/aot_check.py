@@ -128,20 +128,26 @@ def record_launches(dtype: torch.dtype, negatives: bool, T: int = 64, top_k: int
     return launches
 
 
-def resources(cubin: bytes) -> str:
-    """"REG:n STACK:n ..." of a cubin, by the cuobjdump that ships in the Triton wheel ('' if absent)."""
+def _wheel_tool(name: str, option: str, cubin: bytes) -> str:
+    """The output of one of the NVIDIA tools that ship in the Triton wheel (cuobjdump, nvdisasm)
+    run on a cubin ('' if the wheel has no such tool)."""
     import subprocess
     import tempfile
 
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     if not os.path.exists(tool):
         return ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, option, f.name], capture_output=True, text=True).stdout
+
+
+def resources(cubin: bytes) -> str:
+    """"REG:n STACK:n ..." of a cubin, by the cuobjdump that ships in the Triton wheel ('' if absent)."""
+    out = _wheel_tool("cuobjdump", "--dump-resource-usage", cubin)
     found = [w for w in out.split() if w.startswith(("REG:", "STACK:", "LOCAL:"))]
     return " ".join(dict.fromkeys(found))
 
@@ -152,18 +158,10 @@ def sass_loops(cubin: bytes) -> str:
     ones; then the whole kernel's instructions and barriers ('' without nvdisasm). A static view:
     what a loop iteration issues, not how long it takes."""
     import re
-    import subprocess
-    import tempfile
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    if not os.path.exists(tool):
+    text = _wheel_tool("nvdisasm", "-c", cubin)
+    if not text:
         return ""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout
     labels, code, pending = {}, [], []
     for line in text.splitlines():
         m = re.match(r"^\s*(\.L_x_\d+):", line)
