@@ -65,7 +65,13 @@ def scale(activations: list[list[float]]) -> list[list[int]]:
     top = max((a for acts in activations for a in acts), default=0.0)
     if not (top > 0) or not math.isfinite(top):
         return [[0] * len(acts) for acts in activations]
-    return [[min(10, max(0, math.floor(10 * max(a, 0.0) / top))) for a in acts] for acts in activations]
+    return [[_tenths(a, top) for a in acts] for acts in activations]
+
+
+def _tenths(a: float, top: float) -> int:
+    a = max(a, 0.0)
+    v = 10 * a / top if a < 1e300 else 10 * (a / top)  # 10 * a overflows near the float64 maximum
+    return min(10, max(0, math.floor(v)))
 
 
 def is_sparse(values: list[list[int]]) -> bool:

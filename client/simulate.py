@@ -75,10 +75,11 @@ class SimOptions:
 # ---------------------------------------------------------------------------------------------
 # Reading a value from a distribution
 
-_VALUE = re.compile(r"\s*([0-9]+)(?:\.0+)?(?=\s|$)")
+_VALUE = re.compile(r"\s*(10|[0-9])(?:\.0+)?(?=\s|$)")
 """A value token: a whole number (written "7", " 7", "\t7" or "7.0"), the whole token or up to a
 whitespace character (the token that carries a written value may go on with the line's newline and
-what follows it, "7\n2"). " 7x", "7.5", "7," and "70%" are not values."""
+what follows it, "7\n2"). " 7x", "7.5", "7,", "70%", "07" and digits other than ASCII ("٣") are not
+values."""
 
 
 def _number(rest: str) -> int | None:
@@ -88,6 +89,22 @@ def _number(rest: str) -> int | None:
         return None
     v = int(m.group(1))
     return v if 0 <= v <= 10 else None
+
+
+LOGPROB_SLACK = 1e-3
+"""A logprob above 0 by at most this is rounding (taken as 0); by more, the reply is malformed."""
+
+
+def _probability(logprob) -> float:
+    """exp(logprob) of a server's logprob; SimulationError for one that is no log-probability
+    (NaN, +inf, clearly above 0, not a number). -inf is probability 0."""
+    try:
+        lp = float(logprob)
+    except (TypeError, ValueError):
+        raise SimulationError(f"the simulator's logprob {str(logprob)[:20]!r} is not a number") from None
+    if math.isnan(lp) or lp > LOGPROB_SLACK:
+        raise SimulationError(f"the simulator's logprob {lp} is not a log-probability (NaN or above 0)")
+    return math.exp(min(lp, 0.0))
 
 
 def expected_value(alternatives: list[tuple[str, float]], prefix: str = "", chosen: str | None = None,
@@ -107,10 +124,11 @@ def expected_value(alternatives: list[tuple[str, float]], prefix: str = "", chos
         v = _number(rest)
         if v is None:
             continue
-        p = math.exp(float(logprob))
+        p = _probability(logprob)
         if v == 1 and rest.strip() == "1" and token == chosen and following:
-            total = sum(math.exp(lp) for _, lp in following if lp is not None)
-            zero = sum(math.exp(lp) for t, lp in following if lp is not None and isinstance(t, str) and t.startswith("0"))
+            total = sum(_probability(lp) for _, lp in following if lp is not None)
+            zero = sum(_probability(lp) for t, lp in following
+                       if lp is not None and isinstance(t, str) and t.startswith("0"))
             q = zero / total if total > 0 else 0.0
             mass[10] = mass.get(10, 0.0) + p * q
             mass[1] = mass.get(1, 0.0) + p * (1 - q)
@@ -283,7 +301,11 @@ def parse_prompt_logprobs(reply: dict, slots: prompts.SlotPrompt) -> list[list[f
 # ---------------------------------------------------------------------------------------------
 # Written out: chat, one numbered line per token
 
-_LINE = re.compile(r"[ \t]*(\d+)[ \t]*(?:\t|:|\||[ ])[ \t]*(\S+)[ \t]*")
+_LINE = re.compile(r"[ \t]*([0-9]+)[ \t]*(?:\t|:|\||[ ])[ \t]*(\S+)[ \t]*")
+
+
+_WHOLE = re.compile(r"10|[0-9]")
+"""A written value: 0..10 in ASCII digits, no sign, no leading zero (str.isdigit also takes "٣" and "²")."""
 
 
 def parse_numbered(text: str, n: int) -> list[tuple[int, int]]:
@@ -305,7 +327,7 @@ def parse_numbered(text: str, n: int) -> list[tuple[int, int]]:
         if number != len(out) + 1:
             raise Malformed(f"expected the line of token {len(out) + 1}, got one numbered {number}"
                             if number <= n else f"there are only {n} tokens, got a line numbered {number}")
-        if not value.isdigit() or not 0 <= int(value) <= 10:
+        if not _WHOLE.fullmatch(value):
             raise Malformed(f"the value of token {number} is {value[:12]!r}, not a whole number from 0 to 10")
         out.append((int(value), start + m.start(2)))
     if len(out) != n:

@@ -26,6 +26,9 @@ def test_scale_is_floor_of_ten_relu_over_max():
     assert prompts.scale(acts) == ref
     assert max(max(v) for v in prompts.scale(acts)) == 10
     assert prompts.scale([[-1.0, 0.0], [-2.0]]) == [[0, 0], [0]]
+    # Near the float64 maximum 10 * a overflows; the scale does not (an imported store may hold such values).
+    assert prompts.scale([[1e308, 5e307, 1.0]]) == [[10, 5, 0]]
+    assert prompts.scale([[2.0**1023], [-(2.0**1023), 2.0**1021]]) == [[10], [0, 2]]
 
 
 def test_sparse_listing_is_repeated_without_zeros():

@@ -151,3 +151,25 @@ async def test_forced_mode_the_server_cannot_do_is_refused(fake_server):
 def test_fake_distributions_are_what_the_tests_assume():
     assert EV_HIGH == pytest.approx(9.6) and EV_LOW == pytest.approx(0.25)
     assert HIGH[0][0] == 10 and LOW[0][0] == 0
+
+
+@pytest.mark.parametrize("content", ["1\t0\n2\t\u0663\n3\t0", "1\t0\n2\t\u00b2\n3\t0", "1\t0\n2\t07\n3\t0",
+                                     "1\t0\n\uff12\t5\n3\t0", "1\t0\n2\t\uff15\n3\t0"])
+def test_written_values_are_ascii_digits(content):
+    """str.isdigit() takes Arabic-Indic "٣", fullwidth "５" and superscript "²" (on which int()
+    raises): a value is 0..10 in ASCII digits, without a leading zero."""
+    with pytest.raises(sim.Malformed):
+        sim.parse_numbered(content, 3)
+
+
+def test_alternatives_that_are_no_values_or_no_logprobs():
+    for token in ("\u0663", "\uff17", "07", "010", "+7"):
+        with pytest.raises(sim.SimulationError, match="no value"):
+            sim.expected_value([(token, -0.1)])
+    # A logprob is at most 0: NaN, +inf or a clearly positive one is a malformed reply, not a value.
+    for bad in (float("inf"), float("nan"), 2.0, "x"):
+        with pytest.raises(sim.SimulationError, match="logprob"):
+            sim.expected_value([("7", bad), ("3", -1.0)])
+    # -inf is probability 0; a positive rounding error is probability 1.
+    assert sim.expected_value([("7", float("-inf")), ("3", -1.0)]) == 3.0
+    assert sim.expected_value([("7", 1e-6), ("3", float("-inf"))]) == 7.0
