@@ -33,6 +33,9 @@ IMPORT_COUNT = 2**20
 """Token count given to imported moments. Published records carry mean, variance, skewness and
 kurtosis but not the count; a power of two makes variance = M2 / count exact both ways."""
 IMPORT_HIST_BINS = 32
+MAX_LAYERS = 4096
+MAX_NEURONS = 1 << 20
+"""Bounds of an import: layers, and neurons per layer (the widest MLPs have under 10^5)."""
 PAD_TOKEN = ""
 """Token string that pads shorter excerpts when published excerpts differ in length."""
 
@@ -395,7 +398,15 @@ def _hist(maxima: np.ndarray, bins: int) -> tuple[np.ndarray, tuple[float, float
     return counts, (lo, hi)
 
 
-def _layer_arrays(neurons: dict[int, dict], n: int, ex: _Excerpts, dtype: str) -> tuple[dict, int, str]:
+def _memory_budget() -> int:
+    """Bytes one layer's arrays may take: half the memory available now (4 GiB where unknown)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _layer_arrays(neurons: dict[int, dict], n: int, ex: _Excerpts, dtype: str, layer: int = 0) -> tuple[dict, int, str]:
     """One layer's checkpoint arrays (engine.store's names) from parsed records; also its longest
     excerpt and the activation dtype used."""
     recs = list(neurons.values())
@@ -407,9 +418,16 @@ def _layer_arrays(neurons: dict[int, dict], n: int, ex: _Excerpts, dtype: str) -
     T = max((len(t) for r in recs for group in [r["top"], r["random"], *r["quant"]] for t, _ in group), default=1)
     every = [a for r in recs for group in [r["top"], r["random"], *r["quant"]] for _, a in group]
     if dtype == "auto":
-        exact = all(np.array_equal(a.astype(np.float32).astype(np.float64), a, equal_nan=True) for a in every)
+        with np.errstate(over="ignore"):  # a value beyond float32's range is simply not exact there
+            exact = all(np.array_equal(a.astype(np.float32).astype(np.float64), a, equal_nan=True) for a in every)
         dtype = "float32" if exact else "float64"
     adt = np.dtype(dtype)
+    need = n * ((K + R + Q * S) * T * adt.itemsize + (K + R) * 8 + Q * S * 16 + B * 8 + (IMPORT_HIST_BINS + 2) * 8
+                + 128)
+    if need > _memory_budget():
+        raise UserError(f"layer {layer}: its neuron numbers go up to {n - 1:,}, so the store would hold {n:,} neurons "
+                        f"of which {len(recs):,} have a record ({need / 2**30:.1f} GiB for the layer, more than this "
+                        "machine can hold): check the file names, or import the neurons in smaller groups")
     A = {
         "top_max": np.full((n, K), -np.inf, dtype=adt), "top_ids": np.full((n, K), -1, dtype=np.int64),
         "top_acts": np.zeros((n, K, T), dtype=adt),
@@ -483,6 +501,16 @@ def import_openai(src: Path, out: Path, dtype: str = "auto", quantile_probs: lis
             raise UserError(f"--out '{out}' is already {what}; import into a new or empty directory")
     n_layers = max(files) + 1
     n_neurons = [max(files[layer]) + 1 if layer in files else 0 for layer in range(n_layers)]
+    # Neuron numbers index dense arrays: a stray name ("0/1000000000.json") must not ask for a
+    # store of that many neurons. No language model has layers or MLP widths near these bounds.
+    if n_layers > MAX_LAYERS:
+        raise UserError(f"{layer_dirs[n_layers - 1]}: layer {n_layers - 1:,} is beyond any model's depth (at most "
+                        f"{MAX_LAYERS:,} layers are imported); check the directory names")
+    wide = [layer for layer in files if n_neurons[layer] > MAX_NEURONS]
+    if wide:
+        path = files[wide[0]][n_neurons[wide[0]] - 1]
+        raise UserError(f"{path}: neuron {n_neurons[wide[0]] - 1:,} is beyond any model's MLP width (at most "
+                        f"{MAX_NEURONS:,} neurons per layer are imported); check the file names")
 
     parent = out.resolve().parent
     try:
@@ -505,7 +533,7 @@ def import_openai(src: Path, out: Path, dtype: str = "auto", quantile_probs: lis
                     parsed[index] = parse_record(path, layer, index)
                     if update:
                         update(1)
-                arrays, T_l, dt = _layer_arrays(parsed, n_neurons[layer], ex, dtype)
+                arrays, T_l, dt = _layer_arrays(parsed, n_neurons[layer], ex, dtype, layer)
                 if parsed:
                     dtypes.add(dt)
                 np.savez(work / f"layer{layer}.npz", **arrays)

@@ -184,6 +184,11 @@ def bad_layouts(tmp: Path):
     one("layer name not a number", good, "collated-activations/x: not a layer directory",
         {"collated-activations/x/0.json": good})
     one("one neuron twice", good, "1.json: 01.json is neuron 1 too", {"collated-activations/0/01.json": good})
+    # Neuron numbers index dense arrays: a stray number is refused at once, not allocated (149 GiB).
+    one("neuron beyond any width", good, "1000000000.json: neuron 1,000,000,000 is beyond any model's MLP width",
+        {"collated-activations/0/1000000000.json": good})
+    one("layer beyond any depth", good, "collated-activations/99999: layer 99,999 is beyond any model's depth",
+        {"collated-activations/99999/1.json": good})
     expl = json.loads(explanations_line(0, 1, [("cats", 0.5)]))
     expl["scored_explanations"][0]["explanation"] = 42
     one("explanation not a string", good, "explanations/0/1.jsonl: line 1: scored_explanations[0].explanation is 42, "
@@ -310,3 +315,16 @@ def test_import_checks_explanation_files_against_records(published_dir, tmp_path
     assert "1 explanation files of neurons without a record left out" in out
     n_with = len(expl) - 1
     assert f"({n_with:,} with explanations;" in out
+
+
+def test_import_refuses_a_layer_larger_than_memory(published_dir, tmp_path, capsys, monkeypatch):
+    """Dense arrays up to the largest neuron number: where they would not fit the machine, one line
+    naming the layer, before anything is written (here the machine is made to have 1 KiB free)."""
+    from engine.atlas import export
+
+    monkeypatch.setattr(export, "_memory_budget", lambda: 1024)
+    out = tmp_path / "store"
+    assert main(["import", str(published_dir), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "layer 0: its neuron numbers go up to 1, so the store would hold 2 neurons of which 2 have a record" in err
+    assert err.count("\n") == 1 and not out.exists() and not list(tmp_path.glob(".*"))
