@@ -32,6 +32,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="durable request store, SQLite (default: STORE/explanations/requests.sqlite)")
     g.add_argument("--retry-failed", action="store_true",
                    help="redo neurons whose stage failed, resending requests that failed for good")
+    g.add_argument("--redo", action="store_true",
+                   help="redo the neurons this stage finished with other options than this run's (without it, "
+                   "such neurons refuse the run, so that results made with different options do not mix)")
     g.add_argument("--dry-run", action="store_true", help="print the selection and the cost estimate, then exit")
     g.add_argument("--max-cost", type=float, default=None, metavar="USD",
                    help="refuse to start when the estimated cost is above this")
@@ -136,6 +139,7 @@ def settings_from_args(stage: str, args):
         return s
     s.requests = args.requests
     s.retry_failed = args.retry_failed
+    s.redo = args.redo
     s.max_cost = args.max_cost
     s.concurrency = args.concurrency
     s.progress = args.progress
@@ -186,6 +190,7 @@ def top_command(args) -> int:
     from client import results as res
     from client.neurons import parse_ranges
     from client.scoring import fmt
+    from engine.atlas.show import clean_token
     from engine.errors import UserError
     from engine.store import open_store
 
@@ -222,9 +227,10 @@ def top_command(args) -> int:
         return 0
     many = len(groups) > 1
     print(f"{'neuron':>10}  {args.by:>11}  {'random':>9}  explanation" + ("  [group]" if many else ""))
-    for value, rec in rows:
+    for value, rec in rows:  # explanations are an LLM's text: control characters escaped, as `show` does
         print(f"{rec['layer']:>5}:{rec['neuron']:<4}  {fmt(value):>11}  {fmt(rec.get('score_random_only')):>9}  "
-              f"{rec.get('explanation')}" + (f"  [{rec.get('key')}]" if many else ""))
+              f"{clean_token(str(rec.get('explanation')), True)}"
+              + (f"  [{clean_token(str(rec.get('key')), True)}]" if many else ""))
     if not rows:
         print("(no neuron has a defined score yet: run `neuronatlas score`)")
     notes = []

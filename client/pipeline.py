@@ -27,9 +27,12 @@ from client import prompts
 from client import results as res
 from client import simulate as sim
 from client.scoring import fmt, pearson, pooled, score_simulation
+from engine.atlas.data import is_absent
 from engine.errors import UserError
 
 STAGES = ("explain", "simulate", "score")
+SCORE_KEYS = ("score_random_only", "rsquared", "absolute_dev_explained", "undefined", "calibration")
+"""What scoring adds to a neuron's file (besides `score` and the candidates' scores)."""
 
 
 @dataclass
@@ -54,6 +57,8 @@ class RunSettings:
     """The durable request store; None = STORE/explanations/requests.sqlite."""
     retry_failed: bool = False
     """Redo neurons whose stage failed (and resend dead-lettered requests)."""
+    redo: bool = False
+    """explain/simulate: redo the neurons finished with other options than this run's."""
     rescore: bool = False
     """score: recompute neurons already scored."""
     dry_run: bool = False
@@ -205,6 +210,8 @@ async def explain_one(ctx: Context, layer: int, index: int) -> tuple[str, str | 
     """Explain one neuron; returns (outcome, failure reason)."""
     record = await ctx.io(ctx.store.neuron, layer, index)
     opts = ctx.explain
+    if is_absent(record):  # a gap in an imported store: nothing to explain, nothing written
+        return "absent", None
     try:
         tokens, values = ex.explain_listing(record, opts)
     except ex.NothingToExplain as exc:
@@ -256,8 +263,12 @@ async def simulate_one(ctx: Context, layer: int, index: int) -> tuple[str, str |
     sim_info = {"options": ctx.sim.to_json(), "split": settings.split, "score_top": settings.score_top,
                 "score_random": settings.score_random, "calibration": settings.calibration}
     rec = dict(rec)
-    rec.update(simulation=sim_info, simulation_mode=ctx.sim.mode, split=settings.split, error=None)
+    for key in SCORE_KEYS:  # a neuron simulated again (--redo, --retry-failed) is scored again
+        rec.pop(key, None)
+    rec.update(simulation=sim_info, simulation_mode=ctx.sim.mode, split=settings.split, error=None, score=None)
     candidates = [{"explanation": c["explanation"]} for c in rec.get("candidates") or [] if c.get("explanation")]
+    if candidates:
+        rec["explanation"] = candidates[0]["explanation"]
     if not any(split == settings.split for _, split, _ in items):
         reason = f"the neuron has no excerpts in the {settings.split} split (record more excerpts)"
         rec.update(status="failed", error=_failure("simulate", reason), candidates=candidates)
@@ -428,7 +439,8 @@ class StageReport:
     def text(self, group: res.ResultsGroup) -> str:
         from client.progress import duration
 
-        verbs = {"explained": "explained", "simulated": "simulated", "scored": "scored", "never_fires": "never fire"}
+        verbs = {"explained": "explained", "simulated": "simulated", "scored": "scored", "never_fires": "never fire",
+                 "absent": "have no record (gaps in an imported store; skipped)"}
         parts = [f"{self.outcomes[k]:,} {v}" for k, v in verbs.items() if self.outcomes[k]]
         if self.failed:
             top = "; ".join(f"{n} x {r}" for r, n in self.reasons.most_common(3))
@@ -445,17 +457,64 @@ class StageReport:
         return line + f" Results: {group.path}."
 
 
+def changed_options(stage: str, rec: dict | None, settings: RunSettings) -> list[str]:
+    """The options of this run that differ from those the neuron's finished `stage` was made with,
+    as 'FLAG was OLD, now NEW' (empty when the stage is not finished, or was made with these)."""
+    if not rec:
+        return []
+    status = rec.get("status")
+    out = []
+    if stage == "explain":
+        if status not in ("explained", "simulated", "scored") and not (
+                status == "failed" and (rec.get("error") or {}).get("stage") != "explain"):
+            return []
+        old = (rec.get("explain") or {}).get("options") or {}
+        wanted = [("--excerpts", "excerpts", settings.excerpts), ("--samples", "n", settings.n),
+                  ("--temperature", "temperature", settings.temperature), ("--max-tokens", "max_tokens", settings.max_tokens)]
+    elif stage == "simulate":
+        if status not in ("simulated", "scored"):
+            return []
+        old = dict(rec.get("simulation") or {})
+        old.update({f"sim_{k}": v for k, v in (old.get("options") or {}).items()})
+        wanted = [("--split", "split", settings.split), ("--score-top", "score_top", settings.score_top),
+                  ("--score-random", "score_random", settings.score_random),
+                  ("--no-calibration", "calibration", settings.calibration)]
+        if settings.sim_mode != "auto":
+            wanted.append(("--sim-mode", "sim_mode", settings.sim_mode))
+        if settings.top_logprobs is not None:
+            wanted.append(("--top-logprobs", "sim_top_logprobs", settings.top_logprobs))
+    else:
+        return []
+    for flag, key, value in wanted:
+        if key in old and old[key] != value:
+            if flag == "--no-calibration":
+                out.append("--no-calibration was " + ("given" if not old[key] else "not given") + ", now "
+                           + ("given" if not value else "not"))
+            else:
+                out.append(f"{flag} was {old[key]}, now {value}")
+    return out
+
+
 def _partition(stage: str, selection, group: res.ResultsGroup, settings: RunSettings):
-    todo, done, not_ready = [], 0, 0
+    """(todo, done, not ready, {neuron: changed options}) of the selected neurons. A finished
+    neuron made with other options is todo with --redo, else listed in the last item."""
+    todo, done, not_ready, changed = [], 0, 0, {}
     for layer, index in selection:
-        st = status_for(stage, group.read(layer, index), settings)
+        rec = group.read(layer, index)
+        st = status_for(stage, rec, settings)
+        if st == "done":
+            diff = changed_options(stage, rec, settings)
+            if diff and settings.redo:
+                st = "todo"
+            elif diff:
+                changed[(layer, index)] = diff
         if st == "todo":
             todo.append((layer, index))
         elif st == "done":
             done += 1
         else:
             not_ready += 1
-    return todo, done, not_ready
+    return todo, done, not_ready, changed
 
 
 def _estimate(stage: str, store, group, todo, settings: RunSettings, opts, prices) -> sel.Estimate:
@@ -500,7 +559,13 @@ def run_stage(stage: str, settings: RunSettings, config=None) -> int:
     if settings.split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, not {settings.split!r} (train is what the explainer saw; "
                         "calibration fits the calibration line)")
-    todo, done_before, not_ready = _partition(stage, selection, group, settings)
+    todo, done_before, not_ready, changed = _partition(stage, selection, group, settings)
+    if changed:
+        (layer, index), diff = next(iter(changed.items()))
+        verb = {"explain": "explained", "simulate": "simulated"}[stage]
+        raise UserError(f"{len(changed):,} of the selected neurons were {verb} with other options (neuron "
+                        f"{layer}:{index}: {'; '.join(diff)}): rerun with the options they were made with, or pass "
+                        f"--redo to {stage} them again with these (their later results are dropped)")
     report = StageReport(stage, len(selection), len(todo), done_before, not_ready)
     say(f"{stage}: {len(selection):,} neurons selected in {store.path}; {len(todo):,} to do, {done_before:,} done "
         f"already{f', {not_ready:,} not ready' if not_ready else ''}; results group {group.key}")
@@ -542,7 +607,7 @@ def _score_stage(store, group, todo, settings: RunSettings, report: StageReport)
     say(report.text(group))
     if scores:
         values = [s for s, *_ in scores]
-        s, layer, index, text = max(scores)
+        s, layer, index, text = max(scores, key=lambda r: (r[0], -r[1], -r[2]))  # as `top` ranks ties
         say(f"score: mean {statistics.fmean(values):.3f}, median {statistics.median(values):.3f} over "
             f"{len(values):,} neurons; best {layer}:{index} {fmt(s)} {text!r}")
     if undefined:
@@ -563,7 +628,7 @@ async def _network_stage(stage, store, group, todo, settings: RunSettings, confi
     if stage == "explain":
         explain_opts = ex.ExplainOptions(model=group.explainer_model, excerpts=settings.excerpts, n=settings.n,
                                          temperature=settings.temperature, max_tokens=settings.max_tokens)
-        for name, value, low in (("--excerpts", settings.excerpts, 1), ("--n", settings.n, 1),
+        for name, value, low in (("--excerpts", settings.excerpts, 1), ("--samples", settings.n, 1),
                                  ("--max-tokens", settings.max_tokens, 1)):
             if value < low:
                 raise UserError(f"{name} must be at least {low}, not {value}")

@@ -1,0 +1,101 @@
+"""Reruns with other options, gaps of an imported store, and what reaches the terminal: a rerun
+never mixes results made with different options in silence, and --redo makes them again."""
+
+from __future__ import annotations
+
+import json
+
+from tests.explain.helpers import served
+
+SELECT = ["--layers", "0", "--neurons", "0-3"]
+
+
+def _flags(server):
+    return ["--base-url", server.base_url, "--progress", "off", "--no-fsync"]
+
+
+def _files(store):
+    return {p: p.read_bytes() for p in sorted((store / "explanations").rglob("*.json"))}
+
+
+def _error(rc, err):
+    assert rc == 2, err
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_rerun_with_other_options_is_refused_then_redone(store, fake_server, cli):
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))[0] == 0
+        assert cli("simulate", store, *SELECT, *_flags(server))[0] == 0
+        assert cli("score", store, *SELECT, "--no-fsync")[0] == 0
+        before = _files(store)
+        sent = sum(served(server).values())
+
+        # Another split, another number of samples: refused before anything is sent or written.
+        line = _error(*cli("simulate", store, *SELECT, "--split", "test", *_flags(server))[::2])
+        assert "4 of the selected neurons were simulated with other options" in line
+        assert "--split was valid, now test" in line and "--redo" in line
+        line = _error(*cli("simulate", store, *SELECT, "--no-calibration", "--score-top", "3", *_flags(server))[::2])
+        assert "--score-top was 5, now 3" in line and "--no-calibration was not given, now given" in line
+        line = _error(*cli("explain", store, "--explainer-model", "m", *SELECT, "--samples", "2", *_flags(server))[::2])
+        assert "were explained with other options" in line and "--samples was 1, now 2" in line
+        assert _files(store) == before and sum(served(server).values()) == sent
+
+        # The same options: nothing to do, nothing changed.
+        assert cli("simulate", store, *SELECT, *_flags(server))[0] == 0
+        assert _files(store) == before
+
+        # --redo simulates them again on the test split; their old scores are gone until scored.
+        rc, out, err = cli("simulate", store, *SELECT, "--split", "test", "--redo", *_flags(server))
+        assert rc == 0, err
+        assert "4 to do" in err
+    recs = [json.loads(p.read_text()) for p in sorted((store / "explanations").rglob("0000*.json"))]
+    assert len(recs) == 4
+    for rec in recs:
+        assert rec["status"] == "simulated" and rec["score"] is None and "rsquared" not in rec
+        assert rec["simulation"]["split"] == "test"
+        assert {e["split"] for c in rec["candidates"] for e in c["simulation"]["excerpts"]} == {"test", "calibration"}
+    assert cli("score", store, *SELECT, "--no-fsync")[0] == 0
+    recs = [json.loads(p.read_text()) for p in sorted((store / "explanations").rglob("0000*.json"))]
+    assert all(rec["status"] == "scored" and rec["split"] == "test" for rec in recs)
+
+
+def test_explain_samples_below_one_names_the_flag(store, fake_server, cli):
+    with fake_server() as (server, fake):
+        line = _error(*cli("explain", store, "--explainer-model", "m", *SELECT, "--samples", "0", *_flags(server))[::2])
+    assert "--samples must be at least 1" in line
+
+
+def test_top_escapes_control_characters_of_explanations(store, fake_server, cli):
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))[0] == 0
+        assert cli("simulate", store, *SELECT, *_flags(server))[0] == 0
+    assert cli("score", store, *SELECT, "--no-fsync")[0] == 0
+    path = sorted((store / "explanations").rglob("000000.json"))[0]
+    rec = json.loads(path.read_text())
+    rec["explanation"] = "red \x1b[31mtext\u202e reversed\x07"
+    path.write_text(json.dumps(rec))
+    rc, out, err = cli("top", store)
+    assert rc == 0
+    assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "red \\x1b[31mtext\\u202e reversed\\x07" in out
+
+
+def test_gaps_of_an_imported_store_are_skipped_not_failed(tmp_path, fake_server, cli):
+    """OpenAI's published data downloaded in part: the neurons without a record are no failures."""
+    from tests.atlas.helpers import write_published
+
+    src = write_published(tmp_path / "published")
+    store = tmp_path / "imported"
+    assert cli("import", src, "--out", store, "--no-progress")[0] == 0
+    with fake_server() as (server, fake):
+        rc, out, err = cli("explain", store, "--explainer-model", "m", *_flags(server))
+    assert rc == 0, err
+    # Layer 0 has neurons 0 and 1, layer 2 neurons 3 only (0..2 are gaps); layer 1 has none.
+    line = next(line for line in err.splitlines() if "to do in" in line)
+    assert "3 explained, 3 have no record" in line and "failed" not in line, line
+    done = sorted(p.relative_to(store / "explanations") for p in (store / "explanations").rglob("0*.json"))
+    assert [(p.parent.name, p.name) for p in done] == [("000", "000000.json"), ("000", "000001.json"),
+                                                       ("002", "000003.json")]
