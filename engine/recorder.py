@@ -140,8 +140,30 @@ def use_bos(mode: str, tokenizer) -> bool:
 
 
 def vocab_strings(tokenizer) -> list[str]:
+    """Each id's text as it appears inside a text, so that joining an excerpt's strings spells it.
+
+    decode([i]) alone is not that for SentencePiece-style decoders (Llama 2, Mistral, Gemma): they
+    drop the leading space of a sequence's first token, so "▁cat" would read "cat" and an excerpt
+    "catsatonthemat". Each id is decoded after an anchor token instead, and the anchor's text taken
+    off; special tokens, and any id whose text does not extend the anchor's, keep decode([i])."""
     n = len(tokenizer)
-    return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(n)]
+    plain = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    special = set(tokenizer.all_special_ids or [])
+    anchor = None
+    for probe in ("a", "x", "0", "The"):
+        try:
+            ids = tokenizer.encode(probe, add_special_tokens=False)
+        except Exception:  # a tokenizer that cannot encode a probe has no anchor: decode([i]) stays
+            ids = []
+        if ids and ids[-1] not in special and plain[ids[-1]]:
+            anchor = ids[-1]
+            break
+    if anchor is None:
+        return plain
+    head = plain[anchor]
+    joined = tokenizer.batch_decode([[anchor, i] for i in range(n)], clean_up_tokenization_spaces=False)
+    return [p if i in special or not j.startswith(head) else j[len(head):]
+            for i, (p, j) in enumerate(zip(plain, joined))]
 
 
 # ---------------------------------------------------------------------------------------------

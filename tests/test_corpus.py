@@ -53,3 +53,36 @@ def test_embedded_corpus_is_deterministic_and_offline():
     a = list(stdlib_docstrings())
     assert len(a) > 1000 and a == list(stdlib_docstrings())
     assert any("Return" in d for d in a[:200])
+
+
+def _metaspace_tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                     show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_token_strings_spell_the_text(kind):
+    """Joining an excerpt's token strings gives its text back, also where decode([i]) alone drops a
+    token's leading space (SentencePiece-style decoders: Llama 2, Mistral, Gemma)."""
+    from engine.recorder import vocab_strings
+
+    texts = corpus_texts()
+    tok = make_tokenizer(texts) if kind == "byte-level" else _metaspace_tokenizer(texts)
+    vocab = vocab_strings(tok)
+    assert len(vocab) == len(tok)
+    for text in texts[:20]:
+        ids = tok.encode(text, add_special_tokens=False)
+        # The metaspace tokenizer writes the text's first word as "▁the": a space in the text it saw.
+        assert "".join(vocab[i] for i in ids) == (" " + text if kind == "metaspace" else text)
+    if kind == "metaspace":
+        cat = tok.encode(" cat", add_special_tokens=False)
+        assert tok.decode([cat[0]]) == "cat" and vocab[cat[0]] == " cat"
+    else:  # byte-level strings were right already: unchanged
+        assert vocab == [tok.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tok))]
