@@ -391,9 +391,16 @@ def _hist(maxima: np.ndarray, bins: int) -> tuple[np.ndarray, tuple[float, float
     if not len(x):
         return counts, (math.nan, math.nan)
     lo, hi = float(x.min()), float(x.max())
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    b = 1 + np.clip(np.floor((x - lo) / (hi - lo) * bins), 0, bins - 1).astype(np.int64)
+    if hi <= lo:  # one value: a range around it that its magnitude does not swallow (1e17 + 0.5 == 1e17)
+        pad = max(0.5, abs(lo) * 2.0**-20)
+        lo, hi = lo - pad, hi + pad
+        lo = lo if math.isfinite(lo) else float(x.min())  # at the float64 limit the value itself
+        hi = hi if math.isfinite(hi) else float(x.max())  # is the bound (the other one is padded)
+    if math.isfinite(hi - lo):
+        f = (x - lo) / (hi - lo) * bins
+    else:  # a span beyond float64 (-1e308 .. 1e308): halves do not overflow
+        f = (x / 2 - lo / 2) / (hi / 2 - lo / 2) * bins
+    b = 1 + np.clip(np.floor(f), 0, bins - 1).astype(np.int64)
     counts += np.bincount(b, minlength=bins + 2)
     return counts, (lo, hi)
 

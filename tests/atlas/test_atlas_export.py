@@ -328,3 +328,21 @@ def test_import_refuses_a_layer_larger_than_memory(published_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert "layer 0: its neuron numbers go up to 1, so the store would hold 2 neurons of which 2 have a record" in err
     assert err.count("\n") == 1 and not out.exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("value", [1e17, 1e300, -1e300, 1.7976931348623157e308])
+def test_import_takes_any_finite_magnitude(tmp_path, capsys, value):
+    """Finite numbers are accepted, however large: a constant 1e17 neuron (which export writes)
+    made the histogram's range zero wide and the import crash."""
+    rec = json.loads(json.dumps(published_records()[(0, 1)]))
+    for group in (rec["most_positive_activation_records"], rec["random_sample"]):
+        for r in group:
+            r["activations"] = [value] * len(r["tokens"])
+    src = tmp_path / "src" / "collated-activations" / "0" / "1.json"
+    src.parent.mkdir(parents=True)
+    src.write_text(json.dumps(rec))
+    assert main(["import", str(tmp_path / "src"), "--out", str(tmp_path / "store"), "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    got = open_store(tmp_path / "store").neuron(0, 1)
+    assert got.most_positive_activation_records[0].activations[:3] == [value] * 3  # then padding
+    assert sum(open_store(tmp_path / "store").neuron(0, 1).histogram) == len(rec["random_sample"])
