@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 
@@ -74,7 +75,11 @@ def cmd_record(args: argparse.Namespace) -> int:
     from engine.recorder import RecordConfig, record
 
     fields = RecordConfig.__dataclass_fields__
-    cfg = RecordConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    for key in ("model", "corpus", "out"):  # `--out=~/s` reaches us unexpanded (the shell expands only a word's start)
+        if isinstance(values.get(key), str) and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])
+    cfg = RecordConfig(**values)
     summary = record(cfg)
     print(summary.text(cfg.out))
     return 0 if summary.complete else 130

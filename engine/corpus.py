@@ -134,10 +134,10 @@ def documents(source: str, text_field: str = "text") -> tuple[Iterator[str], dic
         files = sorted(f for f in path.glob("*.txt") if f.is_file())
         if not files:
             raise UserError(f"corpus directory '{source}' holds no .txt files")
-        return (f.read_text(encoding="utf-8", errors="replace") for f in files), {**desc, "format": "txt-dir", "files": len(files)}
+        return (f.read_text(encoding="utf-8-sig", errors="replace") for f in files), {**desc, "format": "txt-dir", "files": len(files)}
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return iter([path.read_text(encoding="utf-8", errors="replace")]), {**desc, "format": "txt"}
+        return iter([path.read_text(encoding="utf-8-sig", errors="replace")]), {**desc, "format": "txt"}
     if suffix == ".jsonl":
         return _jsonl_docs(path, text_field), {**desc, "format": "jsonl", "text_field": text_field}
     if suffix == ".parquet":
@@ -171,10 +171,19 @@ def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
 
 
 def separator_ids(tokenizer) -> list[int]:
+    """What goes between two documents: EOS, else the tokens of two newlines, else (a tokenizer
+    that drops whitespace) its separator, BOS or unknown token, so that a boundary stays marked."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         return [int(eos)]
-    return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    if ids:
+        return ids
+    for name in ("sep_token_id", "bos_token_id", "unk_token_id"):
+        other = getattr(tokenizer, name, None)
+        if other is not None:
+            return [int(other)]
+    return []
 
 
 def load_corpus(source: str, tokenizer, excerpt_len: int, max_excerpts: int | None = None,

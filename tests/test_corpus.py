@@ -43,6 +43,41 @@ def test_formats_agree(tok, tmp_path):
     assert cut.description["tokens_sha256"] != load_corpus(str(tmp_path / "a.jsonl"), tok, T, text_field="body").description["tokens_sha256"]
 
 
+def test_a_byte_order_mark_is_not_text(tok, tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM: it is no part of the document (as in .jsonl)."""
+    docs = corpus_texts(12, seed=5)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "plain" / f"{i:02d}.txt").write_text(d, encoding="utf-8")
+        (tmp_path / "bom" / f"{i:02d}.txt").write_text(d, encoding="utf-8-sig")
+    (tmp_path / "bom.txt").write_text(docs[0], encoding="utf-8-sig")
+    (tmp_path / "plain.txt").write_text(docs[0], encoding="utf-8")
+    for a, b in (("plain", "bom"), ("plain.txt", "bom.txt")):
+        np.testing.assert_array_equal(load_corpus(str(tmp_path / a), tok, T).tokens,
+                                      load_corpus(str(tmp_path / b), tok, T).tokens)
+
+
+def test_documents_stay_apart_with_a_tokenizer_that_drops_whitespace(tmp_path):
+    """No EOS, and "\n\n" tokenizes to nothing (a word-level tokenizer): the boundary is marked
+    with the tokenizer's unknown token rather than not at all."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for d in corpus_texts(30) for w in d.replace(".", " .").split()})
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    wl = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    assert wl.eos_token_id is None and wl("\n\n", add_special_tokens=False)["input_ids"] == []
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "0.txt").write_text("cat sat")
+    (tmp_path / "d" / "1.txt").write_text("fox jumps")
+    got = load_corpus(str(tmp_path / "d"), wl, 5).tokens
+    ids = wl("cat sat", add_special_tokens=False)["input_ids"] + [wl.unk_token_id] + \
+        wl("fox jumps", add_special_tokens=False)["input_ids"]
+    np.testing.assert_array_equal(got, np.array([ids], dtype=np.int32))
+
+
 def test_parquet_without_the_field(tok, tmp_path):
     pq.write_table(pa.table({"content": ["a b c"]}), tmp_path / "b.parquet")
     with pytest.raises(UserError, match="no column 'text'.*content"):
