@@ -310,6 +310,10 @@ def _prepare_out(path: Path) -> bool:
         if st.is_store(path):
             if not os.access(path, os.W_OK):
                 raise UserError(f"cannot write to '{path}': permission denied")
+            missing = [name for name in ("tokens", "vocab", "checkpoints") if not (path / name / "zarr.json").is_file()]
+            if missing:  # left by a version that created stores in place, killed while creating
+                raise UserError(f"'{path}' is a store whose creation was cut short (it has no '{missing[0]}' and "
+                                "no recording): delete it, then run the same command again")
             return True
         if any(path.iterdir()):
             raise UserError(f"--out '{path}' is a non-empty directory that is not a neuronatlas store; choose another path")
@@ -727,10 +731,7 @@ def record(cfg: RecordConfig, log=print) -> Summary:
     _trial_forward(lm, cfg.model, corpus.tokens[:1], bos_id, device)
 
     L = len(lm.modules)
-    if exists:
-        progress = _check_identity(out, identity, lm.identity.get("local_dir"))
-        st.discard_uncommitted(out)
-    else:
+    if not exists:
         run = {"identity": identity, "model": lm.identity, "tokenizer": type(tokenizer).__name__,
                "dtype": identity["dtype"], "corpus": corpus.description, "excerpt_len": cfg.excerpt_len,
                "spec": dataclasses.asdict(spec), "bos": bos, "seed": cfg.seed,
@@ -740,7 +741,18 @@ def record(cfg: RecordConfig, log=print) -> Summary:
             st.create_store(out, run, corpus.tokens.shape, vocab_strings(tokenizer))
         except OSError as exc:
             raise UserError(f"cannot create the store at '{out}': {exc.strerror or exc}") from None
-        progress = {"excerpts_done": 0, "checkpoint": None, "generation": 0, "complete": False}
+    with st.writer_lock(out):
+        return _record_locked(cfg, log, out, t_start, lm, corpus, tokenizer, spec, identity, updates, device,
+                              dtype, bos, bos_id, L)
+
+
+def _record_locked(cfg, log, out, t_start, lm, corpus, tokenizer, spec, identity, updates, device, dtype, bos,
+                   bos_id, L) -> Summary:
+    """The recording proper, while this process holds the store (st.writer_lock)."""
+    negatives = spec.negatives
+    act_dtype = dtype
+    progress = _check_identity(out, identity, lm.identity.get("local_dir"))
+    st.discard_uncommitted(out)
 
     start = int(progress["excerpts_done"])
     generation = int(progress.get("generation") or 0)
@@ -837,7 +849,12 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                         "is not supported"
                     )
                 late_flags.push(torch.stack(flags), done)
-                st.write_tokens(tokens_root, done, corpus.tokens[done : done + b])
+                try:
+                    st.write_tokens(tokens_root, done, corpus.tokens[done : done + b])
+                except OSError as exc:
+                    raise UserError(f"cannot write the tokens of excerpts {done:,}.. to '{out}': "
+                                    f"{exc.strerror or exc}; the store still holds its last checkpoint, free "
+                                    "space and run the same command to resume") from None
                 done += b
                 if bar is not None:
                     bar.update(b * T)

@@ -12,12 +12,14 @@ finds it still in place after reading knows that everything it read was whole (s
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import functools
 import os
 import shutil
 import threading
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
 from functools import cached_property
@@ -63,6 +65,10 @@ def is_store(path: Path) -> bool:
 # Writing
 
 
+EVERY_CHUNK = "every_chunk_written"
+"""Array attribute: all chunk files exist (arrays written before it may lack all-zero chunks)."""
+
+
 def write_array(group, name: str, data: np.ndarray, attrs: dict, dims: tuple[str, ...]):
     """Write `data` neuron-major. Large arrays: shards of 512 neurons holding inner chunks of 8
     (a neuron's slice is one read of one small chunk; one chunk per neuron wrote 3-4x slower
@@ -78,17 +84,74 @@ def write_array(group, name: str, data: np.ndarray, attrs: dict, dims: tuple[str
     else:
         rows = max(1, min(shape[0] if shape else 1, (1 << 20) // max(row_bytes, 1)))
         kw["chunks"] = (rows, *shape[1:]) if shape else ()
+    # Every chunk is written, zeros too, so that a chunk file gone missing reads as damage
+    # (`_Checked`), not as the fill value: zarr skips chunks equal to it by default.
     arr = group.create_array(
         name, shape=shape, dtype=data.dtype, compressors=_blosc(data.itemsize),
-        attributes=attrs, dimension_names=dims, fill_value=0 if data.dtype.kind in "iuf" else None,
-        overwrite=True, **kw,
+        attributes={**attrs, EVERY_CHUNK: True}, dimension_names=dims,
+        fill_value=0 if data.dtype.kind in "iuf" else None, overwrite=True,
+        config={"write_empty_chunks": True}, **kw,
     )
     arr[...] = data
     return arr
 
 
 def create_store(path: Path, run: dict, tokens_shape: tuple[int, int], vocab: list[str]):
-    """A new empty store at `path` (a fresh or empty directory)."""
+    """A new empty store at `path` (a fresh or empty directory), made whole or not at all: it is
+    built beside `path` and renamed into place, so that a run killed (or a disk filled) while
+    creating leaves no half store that a rerun would take for one to resume."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(path)
+    build = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _build_store(build, run, tokens_shape, vocab)
+        try:
+            os.rename(build, path)  # replaces an empty directory, never a non-empty one
+        except OSError as exc:
+            if path.is_dir() and any(path.iterdir()):
+                raise UserError(f"'{path}' was filled by another process while this run created its store; "
+                                "run the same command again to resume it") from None
+            raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return _open_root(path, "r+")
+
+
+def _remove_stale_builds(path: Path) -> None:
+    """Remove what a killed creation of `path` left beside it (its process is gone)."""
+    for d in path.parent.glob(f".{path.name}.creating-*"):
+        try:
+            pid = int(d.name.rsplit(".creating-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, OSError):
+            pass  # not ours, or a live process (perhaps another user's): left alone
+
+
+@contextmanager
+def writer_lock(path: Path):
+    """Hold the store at `path` for one recording: a second `record` on it is refused while this
+    one runs (two writers would interleave token rows and remove each other's checkpoints). An
+    flock on the store's directory, released when the process ends, however it ends."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise UserError(f"another neuronatlas run is recording into '{path}': wait for it to finish or "
+                                "stop it (Ctrl-C), then run the same command to resume") from None
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build_store(path: Path, run: dict, tokens_shape: tuple[int, int], vocab: list[str]) -> None:
     root = _open_root(path, "w")
     root.attrs.update({
         "format": FORMAT,
@@ -112,7 +175,6 @@ def create_store(path: Path, run: dict, tokens_shape: tuple[int, int], vocab: li
     write_array(vg, "bytes", np.frombuffer(b"".join(enc), dtype=np.uint8).copy(), {}, ("byte",))
     write_array(vg, "offsets", offsets, {}, ("token_id",))
     root.create_group("checkpoints")
-    return root
 
 
 def write_tokens(root, start: int, tokens: np.ndarray) -> None:
@@ -237,10 +299,10 @@ def _read_checkpoint(path: Path, checkpoint: str, negatives: bool) -> tuple[list
     names = [name for name, *_ in _layer_arrays({k: None for k in _ALL}, negatives)]
     layers = []
     for layer in range(int(ck.attrs["n_layers"])):
-        g = ck[f"layers/{layer:03d}"]
+        g = _OpenLayer(ck[f"layers/{layer:03d}"])
         layers.append(({name: np.asarray(g[name][...]) for name in names}, int(g.attrs["count"]),
                        bool(g.attrs["bounds_ready"])))
-    return layers, np.asarray(ck["random_ids"][...])
+    return layers, np.asarray(_checked(ck["random_ids"])[...])
 
 
 _ALL = ("top_max top_ids top_acts neg_min neg_ids neg_acts random_acts prefix_max quant_bounds "
@@ -347,9 +409,10 @@ class NeuronRecord:
 class TokenIds:
     """Token ids of the recorded excerpts, indexable by excerpt id: `store.token_ids[i]`."""
 
-    def __init__(self, array, n: int):
+    def __init__(self, array, n: int, path=None):
         self._array = array
         self._n = n
+        self._path = path
         self._cache: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -361,7 +424,11 @@ class TokenIds:
 
     def _all(self) -> np.ndarray:
         if self._cache is None:
-            self._cache = np.asarray(self._array[: self._n])
+            data = np.asarray(self._array[: self._n])
+            if self._n and (data < 0).any():  # rows below excerpts_done were all written: a lost chunk
+                raise _damaged(self._path, FileNotFoundError(
+                    f"the tokens of excerpt {int(np.argmax((data < 0).any(axis=1)))} are missing"))
+            self._cache = data
         return self._cache
 
     def __getitem__(self, key):
@@ -407,8 +474,45 @@ class _OpenLayer:
 
     def __getitem__(self, name: str):
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = _checked(self._group[name])
         return self._arrays[name]
+
+
+def _checked(arr):
+    return _Checked(arr) if arr.attrs.get(EVERY_CHUNK) else arr
+
+
+class _Checked:
+    """An array whose chunk files must all exist: reading rows whose chunk (or shard) file is
+    missing raises FileNotFoundError instead of returning zeros. Local stores only (a stat per
+    read); elsewhere the array is read as it is."""
+
+    def __init__(self, arr):
+        self._arr = arr
+        store = arr.store_path.store
+        root = getattr(store, "root", None)
+        self._dir = Path(root) / arr.path if root is not None else None
+        self._rows = arr.metadata.chunk_grid.chunk_shape[0] if arr.ndim else 1
+
+    def __getattr__(self, name):
+        return getattr(self._arr, name)
+
+    def __getitem__(self, key):
+        if self._dir is not None and self._arr.ndim and self._arr.size:  # an empty array has no chunks
+            n = self._arr.shape[0]
+            first = key[0] if isinstance(key, tuple) and key else key
+            if isinstance(first, (int, np.integer)):
+                lo = hi = int(first) % n if n else None
+            elif isinstance(first, slice):
+                start, stop, _ = first.indices(n)
+                lo, hi = (start, stop - 1) if stop > start else (None, None)
+            else:  # Ellipsis, or anything else: every row
+                lo, hi = (0, n - 1) if n else (None, None)
+            for r in range(lo // self._rows, hi // self._rows + 1) if lo is not None else ():
+                k = self._arr.metadata.encode_chunk_key((r,) + (0,) * (self._arr.ndim - 1))
+                if not (self._dir / k).is_file():
+                    raise FileNotFoundError(f"chunk file {self._arr.path}/{k} is missing")
+        return self._arr[key]
 
 
 _DAMAGE = (KeyError, ValueError, TypeError, RuntimeError, OSError, IndexError, AttributeError)
@@ -547,13 +651,13 @@ class Store:
     @cached_property
     @_guarded
     def token_ids(self) -> TokenIds:
-        return TokenIds(self._root["tokens"], self.excerpts_done)
+        return TokenIds(self._root["tokens"], self.excerpts_done, self.path)
 
     @cached_property
     @_guarded
     def vocab(self) -> list[str]:
-        data = np.asarray(self._root["vocab/bytes"][...]).tobytes()
-        off = np.asarray(self._root["vocab/offsets"][...])
+        data = np.asarray(_checked(self._root["vocab/bytes"])[...]).tobytes()
+        off = np.asarray(_checked(self._root["vocab/offsets"])[...])
         return [data[off[i] : off[i + 1]].decode("utf-8", errors="replace") for i in range(len(off) - 1)]
 
     @_guarded
@@ -589,7 +693,7 @@ class Store:
     @cached_property
     @_guarded
     def random_ids(self) -> np.ndarray:
-        return np.asarray(self._checkpoint()["random_ids"][...])
+        return np.asarray(_checked(self._checkpoint()["random_ids"])[...])
 
     # -- neuron level -----------------------------------------------------------------------
     def _records(self, ids: np.ndarray, acts: np.ndarray) -> list[ActivationRecord]:

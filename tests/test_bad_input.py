@@ -270,18 +270,32 @@ def test_damaged_stores_are_reported_in_one_line(capsys, tmp_path, tiny_models, 
 
     with pytest.raises(UserError, match="layer must be an integer"):
         open_store(out).neuron(0.0, 1)
-    for damage in ("layer", "tokens", "attrs"):
-        bad = tmp_path / f"bad-{damage}"
+    # One chunk file gone (a shard of top activations, the maxima, a block of token rows) would read
+    # as the arrays' fill value (zeros, -1): every chunk is written, and a missing one is damage.
+    for damage in ("layer", "tokens", "attrs", "top_acts chunk", "small chunk", "token chunk"):
+        bad = tmp_path / f"bad-{damage}".replace(" ", "-")
         shutil.copytree(out, bad)
+        layer = next(bad.glob("checkpoints/*/layers/001"))
         if damage == "layer":
-            shutil.rmtree(next(bad.glob("checkpoints/*/layers/001")))
+            shutil.rmtree(layer)
         elif damage == "tokens":
             shutil.rmtree(bad / "tokens")
+        elif damage == "top_acts chunk":
+            (layer / "top_acts" / "c" / "0" / "0" / "0").unlink()
+        elif damage == "small chunk":
+            (layer / "amax" / "c" / "0").unlink()
+        elif damage == "token chunk":
+            (bad / "tokens" / "c" / "0" / "0").unlink()
         else:
             (bad / "zarr.json").write_text("{not json")
-        assert main(["show", str(bad), "1", "0"]) == 2
+        assert main(["show", str(bad), "1", "0"]) == 2, damage
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "is damaged or incomplete" in err[0], err
+        assert len(err) == 1 and "is damaged or incomplete" in err[0], (damage, err)
+    # Resuming from a checkpoint with a chunk gone is refused the same way, not continued from zeros.
+    bad = tmp_path / "bad-top_acts-chunk"
+    rc, lines = run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", bad,
+                    "--max-excerpts", 20)
+    assert rc == 2 and "is damaged or incomplete" in lines[0], lines
 
 
 def test_a_different_model_at_the_same_path_is_another_run(capsys, tmp_path, tiny_models, corpus_file):
@@ -362,3 +376,55 @@ def test_a_forward_pass_that_fails_mid_run_keeps_the_checkpoint(capsys, tmp_path
     monkeypatch.setattr(rec, "load_model", real_load)
     rc, _ = run(capsys, *args)
     assert rc == 0
+
+
+def test_a_store_being_recorded_is_not_recorded_into_twice(capsys, tmp_path, tiny_models, corpus_file):
+    """Two recorders on one store interleaved their token rows and removed each other's
+    checkpoints. While another process holds the store, a second record is refused untouched."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "s"
+    args = ("--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", out, "--max-excerpts", 40)
+    assert run(capsys, *args, "--checkpoint-every", 0)[0] == 0
+    before = tree_digest(out)
+    assert not list(tmp_path.glob(".s.creating-*")), "the store was built beside --out and renamed into place"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom engine.store import writer_lock\n"
+         f"with writer_lock({str(out)!r}):\n    print('held', flush=True)\n    sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        expect_error(capsys, f"another neuronatlas run is recording into '{out}'", *args)
+        assert tree_digest(out) == before
+    finally:
+        holder.communicate("")
+    assert run(capsys, *args)[0] == 0 and tree_digest(out) == before  # released with its process
+
+
+def test_a_store_whose_creation_was_cut_short(capsys, tmp_path, tiny_models, corpus_file):
+    """A store killed while it was created in place (older versions) is named as such, not resumed
+    into a traceback; what a killed creation leaves beside --out now is removed by the next run."""
+    import zarr
+
+    half = tmp_path / "half"
+    zarr.open_group(str(half), mode="w", zarr_format=3).attrs.update({"format": "neuronatlas", "format_version": 1})
+    expect_error(capsys, "is a store whose creation was cut short (it has no 'tokens'", "--model",
+                 tiny_models["gpt2"], "--corpus", corpus_file, "--out", half)
+    stale = tmp_path / ".s.creating-999999999-deadbeef"  # no such process
+    (stale / "tokens").mkdir(parents=True)
+    assert run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", tmp_path / "s",
+               "--max-excerpts", 20)[0] == 0
+    assert not stale.exists() and (tmp_path / "s" / "checkpoints").is_dir()
+
+
+def test_paths_with_a_tilde_not_expanded_by_the_shell(capsys, tmp_path, tiny_models, corpus_file, monkeypatch):
+    """`--model=~/m` reaches the program with its tilde (a shell expands only a word's start)."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_models["gpt2"], tmp_path / "m")
+    shutil.copy(corpus_file, tmp_path / "c.txt")
+    rc, lines = run(capsys, "--model=~/m", "--corpus=~/c.txt", "--out=~/s", "--max-excerpts", 16)
+    assert rc == 0, lines
+    assert (tmp_path / "s" / "checkpoints").is_dir() and not Path("~").exists()
