@@ -54,12 +54,20 @@ def read_requests(path: str, default_model: str | None = None) -> list[InputLine
     out: list[InputLine] = []
     seen: dict[str, int] = {}
     out_ids: dict[int, bool] = {}  # line -> whether its id is its line number
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not part of line 1
-        for n, text in enumerate(f, 1):
+    # Lines end at "\n" only (a stray "\r" inside a line neither splits it nor shifts the line
+    # numbers an editor shows); each is decoded alone, so that one line that is not UTF-8 is
+    # refused rather than sent altered (with U+FFFD in place of its bytes) and paid for.
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a BOM is not part of line 1
+            except UnicodeDecodeError as exc:
+                out.append(InputLine(n, None, error=f"line {n}: not valid UTF-8 (byte {exc.start + 1} of the line)"))
+                continue
             if not text.strip():
                 continue
             item = _parse_line(n, text, default_model)
-            if item.error is None:
+            if item.id is not None:  # a refused line's id is in the results too: no later line may reuse it
                 key = str(item.id)  # 2 and "2" are one id to whoever joins the results on it
                 if key in seen:
                     first = seen[key]
@@ -70,12 +78,27 @@ def read_requests(path: str, default_model: str | None = None) -> list[InputLine
                         why = (f"line {n}: id {item.id!r} is already used on line {first}"
                                + (" (its line number: that line has no id)" if out_ids[first] else "")
                                + "; ids must be unique")
-                    item = InputLine(n, None, error=why)  # the id is the other line's in the results
+                    # The id is the other line's in the results: this line is reported without one.
+                    item = InputLine(n, None, error=why if item.error is None else item.error)
                 else:
                     seen[key] = n
                     out_ids[n] = item.implicit
             out.append(item)
     return out
+
+
+def _plain_id(obj: dict):
+    """The id a refused line is reported under, when it has a usable one."""
+    rid = obj.get("custom_id", obj.get("id"))
+    return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) and _text_ok(rid) else None
+
+
+def _text_ok(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except (UnicodeEncodeError, ValueError):
+        return False
 
 
 def _parse_line(n: int, text: str, default_model: str | None) -> InputLine:
@@ -86,8 +109,19 @@ def _parse_line(n: int, text: str, default_model: str | None) -> InputLine:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return bad(f"not valid JSON ({exc.msg} at column {exc.colno})")
+    except RecursionError:
+        return bad("not valid JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return bad(f"a request must be a JSON object, not {type(obj).__name__}")
+    try:  # what Python's json takes but no server should be sent
+        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return bad(f"holds an unpaired surrogate escape (\\u{ord(exc.object[exc.start]):04x}), which is not "
+                   "Unicode text (an emoji cut in half?)", _plain_id(obj))
+    except ValueError:
+        return bad("holds NaN or Infinity, which JSON does not allow", _plain_id(obj))
+    except RecursionError:
+        return bad("not valid JSON (nested too deeply)")
     if "body" in obj and isinstance(obj.get("body"), dict) and ("url" in obj or "custom_id" in obj):
         implicit = "custom_id" not in obj and "id" not in obj
         rid = obj.get("custom_id", obj.get("id", n))
@@ -98,6 +132,9 @@ def _parse_line(n: int, text: str, default_model: str | None) -> InputLine:
             return bad('no "url" and no "messages" (chat) or "prompt" (completion) in the body', rid)
         if kind is None:
             return bad(f"url {json.dumps(url)} is not /v1/chat/completions or /v1/completions", rid)
+        method = obj.get("method", "POST")
+        if not isinstance(method, str) or method.upper() != "POST":
+            return bad(f'"method" is {json.dumps(method)}: completions are POST requests', rid)
     else:
         body = dict(obj)
         implicit = "id" not in body

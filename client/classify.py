@@ -56,7 +56,7 @@ def classify(kind: str, body: dict, reply: HttpReply) -> Verdict:
 def _is_quota(body: bytes) -> bool:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     err = data.get("error") if isinstance(data, dict) else None
     if not isinstance(err, dict):
@@ -67,10 +67,11 @@ def _is_quota(body: bytes) -> bool:
 def _success(kind: str, body: dict, reply: HttpReply) -> Verdict:
     try:
         data = json.loads(reply.body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         snippet = reply.body[:60].decode("utf-8", "replace")
         what = "cut short" if reply.body.lstrip().startswith((b"{", b"[")) else "not JSON"
-        return Verdict(error=RequestError("bad_body", f"reply body is {what} ({exc.msg}): {snippet!r}",
+        return Verdict(error=RequestError("bad_body", f"reply body is {what} ({getattr(exc, 'msg', 'nested too deeply')}): "
+                                          f"{snippet!r}",
                                           reply.status, retryable=True))
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
         if isinstance(data, dict) and "error" in data:

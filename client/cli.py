@@ -132,44 +132,62 @@ async def _run(config, requests, args, label: str, models: set[str]):
         raise _user_error(str(exc)) from None
     aborted, interrupted = None, False
     start = time.monotonic()
+    loop = asyncio.get_running_loop()
+    progress = None
+    checking = None  # the server check while it runs: a Ctrl-C then stops before anything is sent
+
+    def on_signal() -> None:
+        if checking is not None and not checking.done():
+            client.stop()
+            checking.cancel()
+        elif not client.stopped:
+            client.stop()
+            note = (f"{label}: interrupted: finishing {client.in_flight} requests in flight "
+                    "(press Ctrl-C again to cancel them)")
+            progress.write(note) if progress is not None else _say(note)
+        else:
+            client.stop(cancel_in_flight=True)
+            note = f"{label}: cancelling the requests in flight"
+            progress.write(note) if progress is not None else _say(note)
+
+    # SIGTERM as Ctrl-C, from the start (the server check included)
+    signals = [signal.SIGINT, signal.SIGTERM] if threading.current_thread() is threading.main_thread() else []
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal)
     try:
         if requests and not args.no_check:
+            checking = asyncio.ensure_future(client.check())
             try:
-                listed = await client.check()
+                listed = await checking
+            except asyncio.CancelledError:
+                if not client.stopped:  # not our Ctrl-C: the caller's cancel
+                    raise
+                listed = None
             except SetupError as exc:
                 raise _user_error(str(exc)) from None
             missing = sorted(m for m in models if listed and m not in listed)
             if missing:
                 _say(f"{label}: warning: the server does not list {', '.join(map(repr, missing))} (it lists "
                      f"{', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''}); those requests may fail with 404")
-        progress = Progress(client, len(requests), mode=args.progress, label=label)
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            if not client.stopped:
-                client.stop()
-                progress.write(f"{label}: interrupted: finishing {client.in_flight} requests in flight "
-                               "(press Ctrl-C again to cancel them)")
-            else:
-                client.stop(cancel_in_flight=True)
-                progress.write(f"{label}: cancelling the requests in flight")
-
-        signals = [signal.SIGINT, signal.SIGTERM] if threading.current_thread() is threading.main_thread() else []
-        for sig in signals:
-            loop.add_signal_handler(sig, on_signal)
-        progress.start()
-        start = time.monotonic()
-        try:
-            async for _ in client.stream(requests):
-                pass
-        except RunAborted as exc:
-            aborted = str(exc)
-        finally:
-            progress.close()
-            for sig in signals:
-                loop.remove_signal_handler(sig)
+        if not client.stopped:
+            progress = Progress(client, len(requests), mode=args.progress, label=label)
+            progress.start()
+            start = time.monotonic()
+            try:
+                async for _ in client.stream(requests):
+                    pass
+            except RunAborted as exc:
+                aborted = str(exc)
+            except StoreError as exc:  # the store damaged while reading it
+                raise _user_error(str(exc)) from None
+        else:
+            _say(f"{label}: interrupted before anything was sent")
         interrupted = client.stopped and aborted is None
     finally:
+        if progress is not None:
+            progress.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         await client.aclose()
     return client, time.monotonic() - start, aborted, interrupted
 
@@ -187,7 +205,7 @@ def batch_command(args) -> int:
     config = client_config(args, store_path, args.retry_dead)
     if os.path.isdir(args.requests):
         raise _user_error(f"{args.requests} is a directory: pass a JSONL file of requests")
-    _check_out(args.out, args.requests)
+    _check_out(args.out, args.requests, store_path)
     try:
         lines = read_requests(args.requests, default_model=args.model)
     except FileNotFoundError:
@@ -238,14 +256,22 @@ def batch_command(args) -> int:
     return 0 if failed == 0 else 1
 
 
-def _check_out(out: str, requests: str) -> None:
-    """Before anything is sent: the result file can be written and is not the request file."""
+def _same_file(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b) or (
+        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def _check_out(out: str, requests: str, store: str | None = None) -> None:
+    """Before anything is sent: the result file can be written and is neither the request file
+    nor the request store (writing the results over the store would lose every stored reply)."""
     if os.path.isdir(out):
         raise _user_error(f"--out {out} is a directory: give the path of the result file")
-    if os.path.abspath(out) == os.path.abspath(requests) or (
-            os.path.exists(out) and os.path.exists(requests) and os.path.samefile(out, requests)):
+    if _same_file(out, requests):
         raise _user_error(f"--out {out} is the request file: the results would overwrite the requests; "
                           "give another path")
+    if store is not None and _same_file(out, store):
+        raise _user_error(f"--out {out} is the request store (--store): the results would overwrite the stored "
+                          "replies; give another path")
     parent = os.path.dirname(os.path.abspath(out))
     above = parent
     while not os.path.exists(above) and os.path.dirname(above) != above:
@@ -291,6 +317,8 @@ def dead_letters_command(args) -> int:
     import json
     from collections import Counter
 
+    if args.limit < 0:
+        raise _user_error(f"--limit must be 0 or more, not {args.limit}")
     path, dead = _read_dead_letters(args)
     if args.json:
         for d in dead:

@@ -170,15 +170,22 @@ class TokenBucket:
         self.spent.append((now, cost))
         self.spent_sum += cost
 
+    def _floor(self) -> float:
+        """The deepest debt believed from a server's word: a minute's budget. A reply's usage or a
+        remaining count can be absurd (1e15 tokens for one reply); a minute's wait makes up for
+        any plausible overspend (the limits are per minute), and more would stall the run with
+        nothing said."""
+        return -(self.rate * 60.0 + self.burst)
+
     def give_back(self, units: float) -> None:
         """Correct an estimate: positive units return budget, negative ones charge more."""
         if self.rate != INF:
-            self.level = min(self.burst, self.level + units)
+            self.level = max(self._floor(), min(self.burst, self.level + units))
 
     def cap(self, units: float, now: float) -> None:
         """Never believe there is more budget than the server says remains."""
         self._refill(now)
-        self.level = min(self.level, units)
+        self.level = min(self.level, max(units, self._floor()))
 
     def drain(self, now: float, until: float) -> None:
         """For a pause until `until`: nothing accrues before then, so that dispatch resumes paced
@@ -260,11 +267,15 @@ class Limits:
             if wait is None:
                 await self._changed.wait()
             elif wait > 0.05:
-                # A long wait (a pause): wake early if something changes.
+                # A long wait (a pause): wake early if something changes. Not wait_for: on Python
+                # 3.11 it returns the event's result and swallows a cancel that arrives in the tick
+                # the event is set (a stop right after the reply that paused), and the dispatcher
+                # would then wait out the whole pause. asyncio.wait lets the cancel through.
+                waiter = asyncio.ensure_future(self._changed.wait())
                 try:
-                    await asyncio.wait_for(self._changed.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
+                    await asyncio.wait({waiter}, timeout=wait)
+                finally:
+                    waiter.cancel()
             else:
                 # Sleep at least a few ms and then send what has accrued back to back: at hundreds
                 # of requests a second this wakes the loop far less often, still well within the

@@ -152,9 +152,13 @@ def _count(value) -> int:
         return 0
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # float() of a 401-digit int or string overflows
         return 0
-    return int(number) if math.isfinite(number) and number > 0 else 0
+    return int(number) if math.isfinite(number) and 0 < number <= MAX_COUNT else 0
+
+
+MAX_COUNT = 10**12
+"""Above this a usage count is no count (SQLite holds 2^63; no reply has a trillion tokens)."""
 
 
 @dataclass

@@ -132,6 +132,18 @@ class _Job:
         return self.prompt_est + self.completion_est
 
 
+def _when(pause: float) -> str:
+    """The local time `pause` seconds from now, with its date when that is not today; beyond what
+    a clock can show (a Retry-After of 1e300), the number of days."""
+    try:
+        then = time.localtime(time.time() + pause)
+        today = time.localtime()
+    except (OverflowError, OSError, ValueError):
+        return f"{pause / 86400:.3g} days from now"
+    same_day = (then.tm_year, then.tm_yday) == (today.tm_year, today.tm_yday)
+    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", then)
+
+
 class Client:
     """Sends OpenAI requests under rate limits, with retries, single-flight and a durable store.
 
@@ -395,13 +407,16 @@ class Client:
     # -- dispatch -------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        while True:
+        while not self.stopped:
             if not (self._retry or self._fresh):
                 self._ready.clear()
                 await self._ready.wait()
                 continue
             head = self._retry[0] if self._retry else self._fresh[0]
             await self.limits.acquire(head.tokens_est)
+            if self.stopped or not (self._retry or self._fresh):  # stopped (queue emptied) while waiting
+                self.limits.release()
+                continue
             job = self._retry.popleft() if self._retry else self._fresh.popleft()
             if len(self._fresh) < self._watermark:
                 self._room.set()
@@ -528,8 +543,9 @@ class Client:
         saying when to come back. What is in flight finishes; the rest is resumed by a rerun."""
         pause = self.limits.paused_for()
         if pause >= self.config.deadline_s and self.abort_reason is None:
-            until = time.strftime("%H:%M:%S", time.localtime(time.time() + pause))
-            self._abort(f"the server asks for a pause of {pause:.0f} s ({self.limits.pause_reason}), longer than "
+            until = _when(pause)
+            length = f"{pause:.0f}" if pause < 1e9 else f"{pause:.3g}"
+            self._abort(f"the server asks for a pause of {length} s ({self.limits.pause_reason}), longer than "
                         f"the per-request deadline ({self.config.deadline_s:g} s, --deadline): stopped; run the "
                         f"same command again after {until} to resume")
 

@@ -53,6 +53,16 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
+class _Rows(list):
+    """Rows fetched whole (a damaged page fails while fetching, inside RequestStore._query)."""
+
+    def fetchone(self):
+        return self[0] if self else None
+
+    def fetchall(self):
+        return list(self)
+
+
 class StoreError(Exception):
     """The store cannot be opened or written (not a store, newer schema, disk full, ...)."""
 
@@ -163,14 +173,22 @@ class RequestStore:
 
     # -- reads (caller's thread) ----------------------------------------------------------------
 
+    def _query(self, sql: str, params=()):
+        """A read; a store damaged inside (a bad page) is a StoreError naming it, not a traceback."""
+        try:
+            return _Rows(self._read.execute(sql, params).fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"the request store {self.path} is damaged ({exc}); restore it from a copy, or "
+                             "move it away to start a new one (its requests would be sent and paid again)") from None
+
     def get(self, key: str) -> StoredResult | None:
-        row = self._read.execute(
+        row = self._query(
             "SELECT key, kind, model, response, prompt_tokens, completion_tokens, cost, attempts "
             "FROM results WHERE key=?", (key,)).fetchone()
         return StoredResult(*row) if row else None
 
     def get_dead(self, key: str) -> DeadLetter | None:
-        row = self._read.execute(
+        row = self._query(
             "SELECT key, kind, body, error_type, status, message, attempts, runs, failed_at "
             "FROM dead_letters WHERE key=?", (key,)).fetchone()
         return _dead(row) if row else None
@@ -182,32 +200,32 @@ class RequestStore:
         for i in range(0, len(keys), chunk):
             part = keys[i:i + chunk]
             marks = ",".join("?" * len(part))
-            out.update(self._read.execute(f"SELECT key, response FROM results WHERE key IN ({marks})", part).fetchall())
+            out.update(self._query(f"SELECT key, response FROM results WHERE key IN ({marks})", part).fetchall())
         return out
 
     def dead_letters(self, keys: Iterable[str] | None = None, chunk: int = 500) -> Iterator[DeadLetter]:
         """All dead letters (oldest failure first), or those of `keys`."""
         sql = "SELECT key, kind, body, error_type, status, message, attempts, runs, failed_at FROM dead_letters"
         if keys is None:
-            for row in self._read.execute(sql + " ORDER BY failed_at, key").fetchall():
+            for row in self._query(sql + " ORDER BY failed_at, key").fetchall():
                 yield _dead(row)
             return
         keys = list(dict.fromkeys(keys))
         for i in range(0, len(keys), chunk):
             part = keys[i:i + chunk]
-            for row in self._read.execute(sql + f" WHERE key IN ({','.join('?' * len(part))})", part).fetchall():
+            for row in self._query(sql + f" WHERE key IN ({','.join('?' * len(part))})", part).fetchall():
                 yield _dead(row)
 
     def counts(self) -> dict[str, int]:
         """How many results and dead letters the store holds."""
         return {
-            "results": self._read.execute("SELECT count(*) FROM results").fetchone()[0],
-            "dead_letters": self._read.execute("SELECT count(*) FROM dead_letters").fetchone()[0],
+            "results": self._query("SELECT count(*) FROM results").fetchone()[0],
+            "dead_letters": self._query("SELECT count(*) FROM dead_letters").fetchone()[0],
         }
 
     def totals(self) -> dict[str, float]:
         """Tokens and cost of everything the store holds (all runs)."""
-        p, c, cost = self._read.execute(
+        p, c, cost = self._query(
             "SELECT coalesce(sum(prompt_tokens),0), coalesce(sum(completion_tokens),0), coalesce(sum(cost),0) "
             "FROM results").fetchone()
         return {"prompt_tokens": p, "completion_tokens": c, "cost": cost}
@@ -267,7 +285,7 @@ class RequestStore:
                 error = None
                 try:
                     self._commit(conn, [op for op, _ in batch])
-                except (sqlite3.Error, OSError) as exc:
+                except Exception as exc:  # whatever it is, the waiting futures must learn of it (no hang)
                     error = StoreError(f"writing the store {self.path} failed: {exc}")
                     self._failed = exc
                 loop.call_soon_threadsafe(_resolve, [fut for _, fut in batch], error)

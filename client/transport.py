@@ -127,7 +127,7 @@ class Transport:
             return []
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if status >= 400 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
             snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
@@ -142,7 +142,7 @@ def server_message(body: bytes, limit: int = 300) -> str:
     text = ""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):
         err = data.get("error", data)
