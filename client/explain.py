@@ -106,6 +106,9 @@ def _unwrap(text: str) -> str:
     return text
 
 
+_THINK = re.compile(r"\s*<think>.*?(</think>\s*|$)", re.S)
+
+
 def parse_explanation(reply: dict) -> str:
     """The explanation in a chat reply: its first non-empty line, without quotes, a leading label
     or a final period, cut to MAX_EXPLANATION_CHARS characters. Raises BadExplanation for an empty
@@ -119,9 +122,24 @@ def parse_explanation(reply: dict) -> str:
     if refusal:
         raise BadExplanation(f"the explainer refused: {str(refusal)[:120]!r}")
     content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
+                          and isinstance(p.get("text"), str))
+    if isinstance(content, str):
+        # A reasoning model's thoughts (vLLM with R1 or Qwen3: "<think>...</think>" first) are no explanation.
+        thought = _THINK.match(content)
+        if thought:
+            if not thought.group(1):
+                raise BadExplanation("the reply is the explainer's reasoning, cut off before any explanation "
+                                     "(raise --max-tokens)")
+            content = content[thought.end():]
     if not isinstance(content, str) or not content.strip():
         raise BadExplanation("the explainer's reply is empty")
-    line = next(ln for ln in content.splitlines() if ln.strip()).strip()
+    lines = [ln for ln in content.splitlines() if ln.strip()]
+    if choice.get("finish_reason") == "length" and len(lines) == 1 and not content.rstrip(" \t").endswith("\n"):
+        raise BadExplanation(f"the explanation was cut off at --max-tokens: {content.strip()[:80]!r} "
+                             "(raise --max-tokens)")
+    line = lines[0].strip()
     if _REFUSAL.match(line):
         raise BadExplanation(f"the explainer refused: {line[:120]!r}")
     text = _unwrap(_plain(_PREFIX.sub("", _unwrap(_plain(line)))))

@@ -7,6 +7,7 @@ docs/EXPLAIN.md describes the commands, the prompts, the modes and the results l
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
@@ -164,6 +165,8 @@ def _stage(stage: str, args) -> int:
     for flag in ("score_top", "score_random", "sim_retries"):
         if stage == "simulate" and getattr(settings, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be 0 or more")
+    if stage == "explain" and not (math.isfinite(settings.temperature) and 0 <= settings.temperature <= 2):
+        raise UserError(f"--temperature must be a number from 0 to 2, not {settings.temperature}")
     if stage == "simulate" and settings.max_slots < 1:
         raise UserError(f"--max-slots must be at least 1, not {settings.max_slots}")
     if stage == "simulate" and settings.top_logprobs is not None and not 1 <= settings.top_logprobs <= 20:

@@ -315,6 +315,13 @@ def score_record(rec: dict, calibration: bool = True) -> dict:
     calibration = calibration and simulation.get("calibration", True) is not False
     best = None
     candidates = []
+    # Best of n is chosen on the calibration excerpts, not on the scored split: choosing by the
+    # reported score would inflate it. Only a neuron simulated without calibration excerpts is
+    # chosen on the scored split; a candidate whose calibration correlation is undefined (a
+    # constant simulation there) is never preferred to one whose correlation is defined.
+    on_calibration = calibration and any(
+        e["split"] == "calibration" for c in rec.get("candidates") or []
+        for e in (c.get("simulation") or {}).get("excerpts") or [])
     for c in rec.get("candidates") or []:
         c = dict(c)
         excerpts = (c.get("simulation") or {}).get("excerpts")
@@ -326,11 +333,10 @@ def score_record(rec: dict, calibration: bool = True) -> dict:
             if calibration and cal is None:
                 cal = []  # asked for, but not simulated: R^2 undefined, with the reason
             c["scores"] = score_simulation(pairs(split, "top"), pairs(split, "random"), cal).to_json()
-            # Best of n is chosen on the calibration excerpts, not on the scored split: choosing by
-            # the reported score would inflate it. Without calibration excerpts, the scored split.
-            on_cal = pearson(*pooled(cal)) if cal else float("nan")
-            c["selection_score"] = None if math.isnan(on_cal) else on_cal
-            if c["selection_score"] is None:
+            if on_calibration:
+                on_cal = pearson(*pooled(cal)) if cal else float("nan")
+                c["selection_score"] = None if math.isnan(on_cal) else on_cal
+            else:
                 c["selection_score"] = c["scores"]["score"]
             s = c["selection_score"]
             if best is None or (s is not None and (best["selection_score"] is None or s > best["selection_score"])):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,7 +74,7 @@ def _clean(value):
 def write_json_atomic(path: Path, obj, durable: bool = True) -> None:
     """Write `obj` to `path` so that no reader and no crash ever sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # two writers never share one
     data = json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     with open(tmp, "wb") as f:
         f.write(data)

@@ -121,3 +121,21 @@ def test_explanations_are_cut_to_the_documented_length(capsys):
     assert f"cut to {MAX_EXPLANATION_CHARS} characters" in " ".join(capsys.readouterr().out.split())
     assert f"cut to its first {MAX_EXPLANATION_CHARS} characters" in " ".join(
         (ROOT / "docs" / "EXPLAIN.md").read_text().split())
+
+
+def test_reasoning_and_cut_off_replies_are_no_explanation():
+    """Reasoning models put their thoughts first ("<think>...</think>"); a reply cut at max_tokens
+    in its first line is half an explanation."""
+    assert parse_explanation(_reply("<think>\nthe values peak on cat\n</think>\n\nthe token cat.")) == "the token cat"
+    with pytest.raises(BadExplanation, match="reasoning, cut off"):
+        parse_explanation(_reply("<think>\nthe values peak on"))
+    cut = _reply('the token "ca')
+    cut["choices"][0]["finish_reason"] = "length"
+    with pytest.raises(BadExplanation, match="cut off at --max-tokens"):
+        parse_explanation(cut)
+    whole = _reply("the token cat\nBecause the values")  # cut in a later line: the first is whole
+    whole["choices"][0]["finish_reason"] = "length"
+    assert parse_explanation(whole) == "the token cat"
+    parts = _reply("x")
+    parts["choices"][0]["message"]["content"] = [{"type": "text", "text": "numbers in "}, {"type": "text", "text": "lists"}]
+    assert parse_explanation(parts) == "numbers in lists"

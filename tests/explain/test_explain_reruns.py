@@ -99,3 +99,37 @@ def test_gaps_of_an_imported_store_are_skipped_not_failed(tmp_path, fake_server,
     done = sorted(p.relative_to(store / "explanations") for p in (store / "explanations").rglob("0*.json"))
     assert [(p.parent.name, p.name) for p in done] == [("000", "000000.json"), ("000", "000001.json"),
                                                        ("002", "000003.json")]
+
+
+def test_a_temperature_no_server_takes_is_refused(store, fake_server, cli):
+    with fake_server() as (server, fake):
+        for bad in ("nan", "inf", "-1", "2.5"):
+            line = _error(*cli("explain", store, "--explainer-model", "m", *SELECT, "--temperature", bad,
+                               *_flags(server))[::2])
+            assert "--temperature must be a number from 0 to 2" in line
+        assert sum(served(server).values()) == 0
+
+
+def test_results_files_written_at_once_by_many_writers(tmp_path):
+    """Two first runs of other groups write STORE/explanations/zarr.json at the same moment: a
+    shared temporary name made one of them fail ('No such file or directory')."""
+    import threading
+
+    from client.results import read_json, write_json_atomic
+
+    path = tmp_path / "zarr.json"
+    errors = []
+
+    def write(i):
+        try:
+            for j in range(40):
+                write_json_atomic(path, {"writer": i, "n": j}, durable=False)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and read_json(path)["n"] == 39 and not list(tmp_path.glob(".*.tmp"))

@@ -185,3 +185,25 @@ def test_score_after_simulate_no_calibration_through_the_cli(store, fake_server,
         assert rec["absolute_dev_explained"] == pytest.approx(absolute_dev_explained(t, y))
         checked += 1
     assert checked >= 2
+
+
+def test_best_of_n_never_prefers_an_undefined_calibration_by_its_reported_score():
+    """A candidate constant on the calibration excerpts (correlation undefined there) fell back to
+    its scored-split score and beat candidates chosen on calibration: the inflation the rule avoids."""
+    true = [0.0, 0.0, 5.0, 0.0, 9.0, 0.0]
+
+    def candidate(name, cal_sim, valid_sim):
+        return {"explanation": name, "simulation": {"excerpts": [
+            {"split": "calibration", "set": "top", "true": true, "sim": cal_sim},
+            {"split": "valid", "set": "top", "true": true, "sim": valid_sim}]}}
+
+    rec = {"status": "simulated", "split": "valid", "candidates": [
+        candidate("lucky", [3] * 6, [0, 0, 5, 0, 9, 0]),        # undefined on calibration, perfect on valid
+        candidate("honest", [0, 1, 5, 0, 6, 2], [0, 2, 4, 1, 5, 0])]}
+    out = score_record(rec)
+    assert out["explanation"] == "honest"
+    assert [c["selection_score"] is None for c in out["candidates"]] == [True, False]
+    # All undefined on calibration: the first sample, not the best scored one.
+    rec["candidates"][1] = candidate("second", [2] * 6, [0, 0, 5, 0, 9, 0])
+    rec["candidates"][0] = candidate("first", [3] * 6, [9, 0, 0, 5, 0, 0])
+    assert score_record(rec)["explanation"] == "first"
