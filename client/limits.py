@@ -237,6 +237,7 @@ class Limits:
         self.last_decrease = -INF
         self.decreases = 0  # how often the in-flight cap was halved
         self.consecutive_429 = 0
+        self.last_429 = -INF  # when the latest 429 came back
         self._recent_trouble: deque[bool] = deque(maxlen=max(n for n, _ in TROUBLE_RULES))
         # With a limit unknown, one request goes alone first: its x-ratelimit-* headers then set the
         # pace before anything else is sent, instead of a burst that the server refuses. Requests
@@ -337,6 +338,11 @@ class Limits:
             self._changed.set()
 
     def on_success(self, sent_at: float) -> None:
+        if sent_at < self.last_429:
+            # Sent before the latest refusal (the one request of a burst the server let through):
+            # it says nothing of the server now, so it neither ends a probe nor resets the backoff.
+            self._recent_trouble.append(False)
+            return
         self.probing = False
         self.consecutive_429 = 0
         self._recent_trouble.append(False)
@@ -350,7 +356,9 @@ class Limits:
         given, none in the headers), requests then go one at a time until one succeeds: after the
         pause, all those waiting would otherwise go at once and be refused together."""
         self.probing = self.learn and self.requests.rate == INF and self.tokens.rate == INF
-        self.consecutive_429 += 1
+        if sent_at > self.last_429:  # once per round trip: the refusals of one burst are one 429
+            self.consecutive_429 += 1
+        self.last_429 = self.clock()
         wait = parse_retry_after(headers)
         if wait is None:  # no Retry-After: the reset time of an exhausted limit, if the server says
             resets = [parse_duration(headers.get(f"x-ratelimit-reset-{name}")) for name in ("requests", "tokens")

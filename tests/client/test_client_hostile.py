@@ -141,3 +141,17 @@ def test_a_reply_nested_too_deeply_to_parse_is_a_bad_body():
     deep = b"[" * 200_000 + b"]" * 200_000
     verdict = classify("chat", body, HttpReply(200, {"content-type": "application/json"}, deep))
     assert verdict.response is None and verdict.error.type == "bad_body" and verdict.error.retryable
+
+
+def test_bare_429s_do_not_collapse_throughput(make_server, tmp_path, capsys):
+    """A server that refuses with bare 429s (no Retry-After, no x-ratelimit-* headers). The one
+    request of a burst it let through used to end the probe, every refusal of the burst doubled
+    the backoff, and the run crawled at a few requests a minute in 30 s bursts. Not a speed
+    target: a liveness bound, several times the ideal (20 requests at 240 a minute: 5 s)."""
+    server = make_server(rpm=240, window_s=1.0, ratelimit_headers=False, retry_after="none", latency_ms=20)
+    write_lines(tmp_path / "req.jsonl", [f"r{i}" for i in range(20)])
+    t0 = time.monotonic()
+    assert batch(server, tmp_path) == 0
+    assert time.monotonic() - t0 < 25
+    snap = server.snapshot()
+    assert len(snap["served"]) == 20 and max(snap["served"].values()) == 1

@@ -193,10 +193,24 @@ def test_the_probe_goes_on_until_a_reply_says_something():
 
 
 def test_a_429_with_retry_after_zero_still_backs_off():
-    limits = Limits(rpm=None, tpm=None, backoff_base_s=0.5, clock=lambda: 0.0)
-    waits = [limits.on_429({"Retry-After": "0"}, 0.0) for _ in range(3)]
+    """The backoff doubles per round trip refused, not per refusal: the 429s of one burst (requests
+    sent before the previous 429 came back) are one."""
+    clock = [0.0]
+    limits = Limits(rpm=None, tpm=None, backoff_base_s=0.5, clock=lambda: clock[0])
+    waits = []
+    for _ in range(3):
+        clock[0] += 10.0
+        waits.append(limits.on_429({"Retry-After": "0"}, clock[0] - 0.1))  # sent after the previous 429
     assert waits == [0.5, 1.0, 2.0] and limits.paused_for() == 2.0
-    assert limits.on_429({"retry-after-ms": "0"}, 0.0) == 4.0
+    burst = [limits.on_429({"retry-after-ms": "0"}, clock[0] - 0.2) for _ in range(5)]  # the same burst
+    assert burst == [2.0] * 5
+    clock[0] += 10.0
+    assert limits.on_429({"retry-after-ms": "0"}, clock[0] - 0.1) == 4.0
+    # A success of a request sent before the latest 429 neither ends the backoff nor a probe.
+    limits.on_success(clock[0] - 0.5)
+    assert limits.probing and limits.consecutive_429 == 4
+    limits.on_success(clock[0] + 1.0)
+    assert not limits.probing and limits.consecutive_429 == 0
 
 
 def test_large_requests_stay_within_a_token_window():
