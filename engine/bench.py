@@ -333,6 +333,13 @@ def run(cfg: BenchConfig, log=print) -> dict:
         raise UserError("--modes must name eager and/or compiled")
     if cfg.backends is not None and not cfg.backends:
         raise UserError("--backends must name at least one backend (or leave it out for the default)")
+    if cfg.compile_backend is not None and "compiled" in cfg.modes:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.compile_backend not in known:
+            raise UserError(f"--compile-backend {cfg.compile_backend!r} is not a torch.compile backend here "
+                            f"(known: {', '.join(b for b in known if 'TESTING' not in b)})")
     device = resolve_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device)
     from kernels import select_update

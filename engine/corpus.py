@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ def stdlib_docstrings() -> Iterator[str]:
                     yield doc
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean_text(text: str) -> str:
+    """A lone surrogate ("\\ud800" in JSON: half an emoji) is no character a tokenizer takes:
+    U+FFFD in its place, as for bytes that are not UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -75,7 +85,7 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
                 continue
             if isinstance(text, (dict, list)):
                 raise UserError(f"{path}:{lineno}: field '{field}' holds a JSON {type(text).__name__}, not text")
-            yield text if isinstance(text, str) else str(text)  # numbers as Parquet's are: their text
+            yield _clean_text(text if isinstance(text, str) else str(text))  # numbers as Parquet's are: their text
 
 
 def _parquet_docs(path: Path, field: str) -> Iterator[str]:
@@ -92,8 +102,14 @@ def _parquet_docs(path: Path, field: str) -> Iterator[str]:
         raise UserError(f"{path}: no column '{field}' (columns: {', '.join(pf.schema_arrow.names)}; set --text-field)")
     for batch in pf.iter_batches(columns=[field], batch_size=4096):
         for v in batch.column(0).to_pylist():
-            if v is not None:
-                yield str(v)
+            if v is None:
+                continue
+            if isinstance(v, (bytes, bytearray)):  # a binary column: UTF-8, bad bytes replaced (as .txt)
+                yield _clean_text(bytes(v).decode("utf-8", errors="replace"))
+            elif isinstance(v, (list, dict, tuple)):
+                raise UserError(f"{path}: column '{field}' holds {type(v).__name__}s, not text (set --text-field)")
+            else:
+                yield _clean_text(str(v))  # strings; numbers as their text
 
 
 def _hf_docs(name: str, field: str) -> Iterator[str]:
@@ -110,7 +126,7 @@ def _hf_docs(name: str, field: str) -> Iterator[str]:
     for row in ds:
         if field not in row:
             raise UserError(f"dataset '{ds_name}' has no field '{field}' (set --text-field)")
-        yield str(row[field])
+        yield _clean_text(str(row[field]))
 
 
 def documents(source: str, text_field: str = "text") -> tuple[Iterator[str], dict]:
@@ -198,7 +214,9 @@ def load_corpus(source: str, tokenizer, excerpt_len: int, max_excerpts: int | No
     total = 0
     n_docs = 0
     for group in _batched(docs, 256):
-        ids = tokenizer(group, add_special_tokens=False)["input_ids"]
+        # split_special_tokens: a document's literal "<|endoftext|>" (or "<|im_start|>") is text,
+        # never the separator or a chat-template token forged by the corpus.
+        ids = tokenizer(group, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         for doc in ids:
             if not doc:
                 continue

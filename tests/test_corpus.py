@@ -121,3 +121,23 @@ def test_token_strings_spell_the_text(kind):
         assert tok.decode([cat[0]]) == "cat" and vocab[cat[0]] == " cat"
     else:  # byte-level strings were right already: unchanged
         assert vocab == [tok.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tok))]
+
+
+def test_corpus_text_python_reads_but_a_tokenizer_should_not_get(tok, tmp_path):
+    """A parquet binary column is UTF-8 text, a list column no text; a lone surrogate in .jsonl is
+    U+FFFD (the tokenizer raised on it); a document's literal "<|endoftext|>" is text, not the
+    separator it would forge."""
+    pq.write_table(pa.table({"text": [b"the cat sat", "caf\u00e9 dog".encode()]}), tmp_path / "bin.parquet")
+    pq.write_table(pa.table({"text": ["the cat sat", "caf\u00e9 dog"]}), tmp_path / "str.parquet")
+    np.testing.assert_array_equal(load_corpus(str(tmp_path / "bin.parquet"), tok, 2).tokens,
+                                  load_corpus(str(tmp_path / "str.parquet"), tok, 2).tokens)
+    pq.write_table(pa.table({"text": [["the cat", "sat"]]}), tmp_path / "list.parquet")
+    with pytest.raises(UserError, match="holds lists, not text"):
+        load_corpus(str(tmp_path / "list.parquet"), tok, 2)
+    (tmp_path / "s.jsonl").write_text('{"text": "the cat \\ud800 sat on the mat"}\n')
+    (tmp_path / "r.jsonl").write_text('{"text": "the cat \\ufffd sat on the mat"}\n')
+    np.testing.assert_array_equal(load_corpus(str(tmp_path / "s.jsonl"), tok, 2).tokens,
+                                  load_corpus(str(tmp_path / "r.jsonl"), tok, 2).tokens)
+    (tmp_path / "eos.txt").write_text("the cat <|endoftext|> sat on the mat")
+    ids = load_corpus(str(tmp_path / "eos.txt"), tok, 1).tokens.ravel().tolist()
+    assert tok.eos_token_id not in ids and tok.decode(ids) == "the cat <|endoftext|> sat on the mat"

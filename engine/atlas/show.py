@@ -127,13 +127,16 @@ def excerpt_lines(tokens: list[str], acts: list[float], pos_scale: float, neg_sc
     return lines
 
 
-def _section(title: str, records, limit: int, pos: float, neg: float, mode: str, width: int) -> list[str]:
+def _section(title: str, records, limit: int, pos: float, neg: float, mode: str, width: int,
+             lowest: bool = False) -> list[str]:
+    """Excerpts headed by their maximum, or with `lowest` by their minimum (what the most
+    negative excerpts are ranked by)."""
     if limit <= 0 or not records:
         return []
     bold = (lambda s: f"\x1b[1m{s}{RESET}") if mode != "none" else (lambda s: s)
     out = [bold(f"{title} ({min(limit, len(records))} of {len(records)})")]
     for r in records[:limit]:
-        m = max(r.activations) if r.activations else float("nan")
+        m = (min if lowest else max)(r.activations) if r.activations else float("nan")
         head = f"{_fmt(m):>9}  "
         body = excerpt_lines(r.tokens, r.activations, pos, neg, mode, width, len(head))
         out.append(head + body[0])
@@ -204,7 +207,7 @@ def render(store, layer: int, index: int, mode: str = "none", width: int = 100, 
         name_q = (f"quantiles {lo_p:g}–{hi_p:g}" if isinstance(lo_p, (int, float)) and isinstance(hi_p, (int, float))
                   else f"bucket {q}")
         out += _section(f"Sampled from excerpt-maximum {name_q}", bucket, per_quantile, pos, neg, mode, width)
-    out += _section("Most negative excerpts", neg_recs, negative, pos, neg, mode, width)
+    out += _section("Most negative excerpts", neg_recs, negative, pos, neg, mode, width, lowest=True)
     return "\n".join(out).rstrip("\n") + "\n"
 
 

@@ -184,6 +184,9 @@ def bad_layouts(tmp: Path):
     one("layer name not a number", good, "collated-activations/x: not a layer directory",
         {"collated-activations/x/0.json": good})
     one("one neuron twice", good, "1.json: 01.json is neuron 1 too", {"collated-activations/0/01.json": good})
+    surrogate = json.loads(json.dumps(rec))
+    surrogate["random_sample"][0]["tokens"][0] = "\ud800b"
+    one("token with a lone surrogate", json.dumps(surrogate), "random_sample[0] has a token with an unpaired surrogate")
     # Neuron numbers index dense arrays: a stray number is refused at once, not allocated (149 GiB).
     one("neuron beyond any width", good, "1000000000.json: neuron 1,000,000,000 is beyond any model's MLP width",
         {"collated-activations/0/1000000000.json": good})

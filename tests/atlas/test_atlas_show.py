@@ -130,3 +130,16 @@ def test_imported_store_shows_explanations(imported_store, capsys):
                                             ("\x1b[2J", False, "\\x1b[2J"), ("\u202eevil", True, "\\u202eevil")])
 def test_clean_token(tok, plain, want):
     assert clean_token(tok, plain) == want
+
+
+def test_most_negative_excerpts_are_headed_by_their_minimum():
+    """They are ranked by their minimum: the column shows it, not each excerpt's maximum."""
+    from engine.atlas.show import _section
+    from engine.store import ActivationRecord
+
+    recs = [ActivationRecord(tokens=["a", "b"], activations=[-3.0625, 0.5], excerpt_id=1),
+            ActivationRecord(tokens=["c", "d"], activations=[0.75, -1.5], excerpt_id=2)]
+    lines = _section("Most negative excerpts", recs, 10, 1.0, 3.0, "none", 80, lowest=True)
+    assert [line.split()[0] for line in lines[1:3]] == ["-3.062", "-1.5"]
+    lines = _section("Top", recs, 10, 1.0, 3.0, "none", 80)
+    assert [line.split()[0] for line in lines[1:3]] == ["0.5", "0.75"]

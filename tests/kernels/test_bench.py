@@ -39,6 +39,9 @@ def test_bench_bad_input(tiny_models, capsys):
     assert "unknown backend 'cuda-magic'" in err and len(err.strip().splitlines()) == 1
     assert main(["bench", "--model", str(tiny_models["gpt2"]), "--modes", "jit"] + TINY) == 2
     assert "unknown mode 'jit'" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_models["gpt2"]), "--compile-backend", "nope"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "--compile-backend 'nope' is not a torch.compile backend" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bench_refuses_what_record_refuses_before_measuring(tiny_models, tmp_path, capsys):
