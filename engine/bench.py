@@ -334,9 +334,9 @@ def run(cfg: BenchConfig, log=print) -> dict:
     if cfg.backends is not None and not cfg.backends:
         raise UserError("--backends must name at least one backend (or leave it out for the default)")
     if cfg.compile_backend is not None and "compiled" in cfg.modes:
-        import torch._dynamo
+        from torch import _dynamo  # (`import torch._dynamo` here would make torch a local name)
 
-        known = torch._dynamo.list_backends(exclude_tags=())
+        known = _dynamo.list_backends(exclude_tags=())
         if cfg.compile_backend not in known:
             raise UserError(f"--compile-backend {cfg.compile_backend!r} is not a torch.compile backend here "
                             f"(known: {', '.join(b for b in known if 'TESTING' not in b)})")
