@@ -239,3 +239,19 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
 
     bar = tqdm(total=total, unit="neuron", desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     return bar.update, bar.close
+
+
+def checkpoint_moved(store_path, before: str | None) -> str | None:
+    """A warning when a recording committed another checkpoint while `view` or `export` read the
+    store (`before`: the one committed when they began): each neuron is whole, from one
+    checkpoint, but they do not all come from the same one."""
+    from engine.store import open_store
+
+    try:
+        now = open_store(store_path).progress.get("checkpoint")
+    except UserError:
+        return None
+    if now == before:
+        return None
+    return ("warning: the recording committed a new checkpoint while this ran: neurons come from different "
+            "checkpoints (each one whole); run it again once the recording has finished for one snapshot")

@@ -349,3 +349,11 @@ def test_import_takes_any_finite_magnitude(tmp_path, capsys, value):
     got = open_store(tmp_path / "store").neuron(0, 1)
     assert got.most_positive_activation_records[0].activations[:3] == [value] * 3  # then padding
     assert sum(open_store(tmp_path / "store").neuron(0, 1).histogram) == len(rec["random_sample"])
+
+
+def test_a_checkpoint_committed_while_reading_is_named(imported_store):
+    """view and export of a store being recorded warn when the recording moved on meanwhile."""
+    committed = open_store(imported_store).progress["checkpoint"]
+    assert data.checkpoint_moved(imported_store, committed) is None
+    warning = data.checkpoint_moved(imported_store, "checkpoints/g000000")
+    assert warning and "neurons come from different checkpoints" in warning
