@@ -15,7 +15,6 @@ A rerun reads the status and skips what is finished.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import json
 import math
@@ -237,21 +236,12 @@ class ResultsGroup:
     @contextmanager
     def lock(self):
         """Hold the group for one run: a second run on the same group is refused, not interleaved."""
-        import fcntl
+        from engine.store import exclusive
 
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise UserError(f"another neuronatlas run is writing to {self.path}: wait for it to finish "
-                                    "or stop it") from None
-                raise
+        with exclusive(self.path / ".lock", f"another neuronatlas run is writing to {self.path}: wait for it to "
+                       "finish or stop it", os.O_RDWR | os.O_CREAT):
             yield self
-        finally:
-            os.close(fd)
 
 
 def reader_view(rec: dict) -> dict:

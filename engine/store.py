@@ -131,24 +131,30 @@ def _remove_stale_builds(path: Path) -> None:
 
 
 @contextmanager
-def writer_lock(path: Path):
-    """Hold the store at `path` for one recording: a second `record` on it is refused while this
-    one runs (two writers would interleave token rows and remove each other's checkpoints). An
-    flock on the store's directory, released when the process ends, however it ends."""
+def exclusive(path, busy: str, flags: int = os.O_RDONLY):
+    """Hold an exclusive flock on `path` (opened with `flags`) for the block; UserError(`busy`)
+    when another process holds it. Released when the process ends, however it ends."""
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(path, flags, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise UserError(f"another neuronatlas run is recording into '{path}': wait for it to finish or "
-                                "stop it (Ctrl-C), then run the same command to resume") from None
+                raise UserError(busy) from None
             raise
         yield
     finally:
         os.close(fd)
+
+
+def writer_lock(path: Path):
+    """Hold the store at `path` for one recording: a second `record` on it is refused while this
+    one runs (two writers would interleave token rows and remove each other's checkpoints). An
+    flock on the store's directory."""
+    return exclusive(path, f"another neuronatlas run is recording into '{path}': wait for it to finish or stop it "
+                           "(Ctrl-C), then run the same command to resume", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
 def _build_store(path: Path, run: dict, tokens_shape: tuple[int, int], vocab: list[str]) -> None:

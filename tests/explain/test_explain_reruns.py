@@ -133,3 +133,19 @@ def test_results_files_written_at_once_by_many_writers(tmp_path):
     for t in threads:
         t.join()
     assert not errors and read_json(path)["n"] == 39 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_one_run_at_a_time_per_results_group(store):
+    """A second run on the same results group is refused while the first holds it, then admitted."""
+    import pytest
+
+    from client.results import ResultsGroup
+    from engine.errors import UserError
+
+    group = ResultsGroup.for_models(store, "e", "s", "v1")
+    with group.lock():
+        with pytest.raises(UserError, match="another neuronatlas run is writing to"):
+            with group.lock():
+                pass
+    with group.lock():
+        pass
