@@ -55,13 +55,8 @@ def stdlib_docstrings() -> Iterator[str]:
                     yield doc
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _clean_text(text: str) -> str:
-    """A lone surrogate ("\\ud800" in JSON: half an emoji) is no character a tokenizer takes:
-    U+FFFD in its place, as for bytes that are not UTF-8."""
-    return _SURROGATE.sub("\ufffd", text)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone surrogate ("\\ud800" in JSON: half an emoji): no character, and not encodable as UTF-8."""
 
 
 def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
@@ -85,7 +80,7 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
                 continue
             if isinstance(text, (dict, list)):
                 raise UserError(f"{path}:{lineno}: field '{field}' holds a JSON {type(text).__name__}, not text")
-            yield _clean_text(text if isinstance(text, str) else str(text))  # numbers as Parquet's are: their text
+            yield text if isinstance(text, str) else str(text)  # numbers as Parquet's are: their text
 
 
 def _parquet_docs(path: Path, field: str) -> Iterator[str]:
@@ -105,11 +100,11 @@ def _parquet_docs(path: Path, field: str) -> Iterator[str]:
             if v is None:
                 continue
             if isinstance(v, (bytes, bytearray)):  # a binary column: UTF-8, bad bytes replaced (as .txt)
-                yield _clean_text(bytes(v).decode("utf-8", errors="replace"))
+                yield bytes(v).decode("utf-8", errors="replace")
             elif isinstance(v, (list, dict, tuple)):
                 raise UserError(f"{path}: column '{field}' holds {type(v).__name__}s, not text (set --text-field)")
             else:
-                yield _clean_text(str(v))  # strings; numbers as their text
+                yield str(v)  # strings; numbers as their text
 
 
 def _hf_docs(name: str, field: str) -> Iterator[str]:
@@ -126,7 +121,7 @@ def _hf_docs(name: str, field: str) -> Iterator[str]:
     for row in ds:
         if field not in row:
             raise UserError(f"dataset '{ds_name}' has no field '{field}' (set --text-field)")
-        yield _clean_text(str(row[field]))
+        yield str(row[field])
 
 
 def documents(source: str, text_field: str = "text") -> tuple[Iterator[str], dict]:
@@ -216,6 +211,9 @@ def load_corpus(source: str, tokenizer, excerpt_len: int, max_excerpts: int | No
     for group in _batched(docs, 256):
         # split_special_tokens: a document's literal "<|endoftext|>" (or "<|im_start|>") is text,
         # never the separator or a chat-template token forged by the corpus.
+        # A lone surrogate is no character a tokenizer takes: U+FFFD in its place, as for bytes
+        # that are not UTF-8 (any format can carry one: JSON escapes, datasets, parquet strings).
+        group = [LONE_SURROGATE.sub("\ufffd", doc) for doc in group]
         ids = tokenizer(group, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         for doc in ids:
             if not doc:

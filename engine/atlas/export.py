@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.atlas import data
+from engine.corpus import LONE_SURROGATE
 from engine.errors import UserError
 
 EXPORT_MARKER = "neuronatlas-export.json"
@@ -240,9 +241,6 @@ def _layer_dirs(d: Path, what: str) -> dict[int, Path]:
     return out
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 class _Bad(Exception):
     pass
 
@@ -263,7 +261,7 @@ def _records(obj, what: str) -> list[tuple[list[str], np.ndarray]]:
             raise _Bad(f"{what}[{i}] is empty")
         if not all(isinstance(t, str) for t in toks):
             raise _Bad(f"{what}[{i}] has a token that is not a string")
-        bad = next((t for t in toks if _SURROGATE.search(t)), None)
+        bad = next((t for t in toks if LONE_SURROGATE.search(t)), None)
         if bad is not None:  # UTF-8 cannot hold it: the vocabulary would keep "?" in its place
             raise _Bad(f"{what}[{i}] has a token with an unpaired surrogate ({bad!r}), which is not Unicode text")
         if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in acts):
