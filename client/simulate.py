@@ -85,10 +85,7 @@ values."""
 def _number(rest: str) -> int | None:
     """The value 0..10 a token (after its merged prefix) stands for, or None."""
     m = _VALUE.match(rest)
-    if not m:
-        return None
-    v = int(m.group(1))
-    return v if 0 <= v <= 10 else None
+    return int(m.group(1)) if m else None  # the pattern only takes 0..10
 
 
 LOGPROB_SLACK = 1e-3

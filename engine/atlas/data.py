@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,17 +243,22 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     return bar.update, bar.close
 
 
-def checkpoint_moved(store_path, before: str | None) -> str | None:
-    """A warning when a recording committed another checkpoint while `view` or `export` read the
-    store (`before`: the one committed when they began): each neuron is whole, from one
-    checkpoint, but they do not all come from the same one."""
+@contextmanager
+def one_snapshot(store, label: str):
+    """Around `view` or `export` of `store`: when a recording commits another checkpoint while
+    they read an incomplete store, say so on stderr. Each neuron is whole, from one checkpoint,
+    but they do not all come from the same one."""
     from engine.store import open_store
 
+    before, complete = store.progress.get("checkpoint"), store.complete
+    yield
+    if complete:
+        return
     try:
-        now = open_store(store_path).progress.get("checkpoint")
+        now = open_store(store.path).progress.get("checkpoint")
     except UserError:
-        return None
-    if now == before:
-        return None
-    return ("warning: the recording committed a new checkpoint while this ran: neurons come from different "
-            "checkpoints (each one whole); run it again once the recording has finished for one snapshot")
+        return
+    if now != before:
+        print(f"{label}: warning: the recording committed a new checkpoint while this ran: neurons come from "
+              "different checkpoints (each one whole); run it again once the recording has finished for one "
+              "snapshot", file=sys.stderr)

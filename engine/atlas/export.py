@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import tempfile
-import sys
 import time
 from pathlib import Path
 
@@ -174,12 +173,9 @@ def cmd_export(args) -> int:
     from engine.store import open_store
 
     store = open_store(args.store)
-    before, was_complete = store.progress.get("checkpoint"), store.complete
     layers = data.parse_layers(args.layers, store.n_layers)
-    print(export_openai(store, Path(args.out), layers, args.jobs, args.progress))
-    moved = None if was_complete else data.checkpoint_moved(args.store, before)
-    if moved:
-        print(f"export: {moved}", file=sys.stderr)
+    with data.one_snapshot(store, "export"):
+        print(export_openai(store, Path(args.out), layers, args.jobs, args.progress))
     return 0
 
 

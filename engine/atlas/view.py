@@ -251,13 +251,10 @@ def cmd_view(args) -> int:
     from engine.store import open_store
 
     store = open_store(args.store)
-    before, was_complete = store.progress.get("checkpoint"), store.complete
     layers = data.parse_layers(args.layers, store.n_layers)
     limits = {"top": args.top, "random": args.random, "per_quantile": args.per_quantile, "negative": args.negative}
-    print(build(store, Path(args.out), layers, limits, args.jobs, args.progress))
-    moved = None if was_complete else data.checkpoint_moved(args.store, before)
-    if moved:
-        print(f"view: {moved}", file=sys.stderr)
+    with data.one_snapshot(store, "view"):
+        print(build(store, Path(args.out), layers, limits, args.jobs, args.progress))
     if args.serve:
         def ready(server):
             host, port = server.server_address[:2]
