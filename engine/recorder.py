@@ -430,19 +430,20 @@ class _CheckpointWriter:
 
 
 def _layer_host(state: ref.LayerState) -> dict[str, np.ndarray]:
+    """The state's arrays as stored: per-token activations in rank order, no slot maps."""
     out = {}
     for f in dataclasses.fields(state):
-        v = getattr(state, f.name)
-        if isinstance(v, torch.Tensor):
+        v = state.ordered(f.name)
+        if isinstance(v, torch.Tensor) and f.name not in ref.SLOT_FIELDS:
             out[f.name] = _host(v)
     return out
 
 
 def _layer_from_host(arrays: dict, count: int, ready: bool, spec, n, act_dtype, device) -> ref.LayerState:
-    state = ref.LayerState.empty(spec, n, act_dtype, device)
+    state = ref.LayerState.empty(spec, n, act_dtype, device)  # every slot map in rank order
     for f in dataclasses.fields(state):
         cur = getattr(state, f.name)
-        if isinstance(cur, torch.Tensor):
+        if isinstance(cur, torch.Tensor) and f.name not in ref.SLOT_FIELDS:
             setattr(state, f.name, torch.from_numpy(np.ascontiguousarray(arrays[f.name])).to(device=device, dtype=cur.dtype))
     state.count = count
     state.bounds_ready = ready

@@ -31,6 +31,16 @@ that a faster implementation can be checked against this one:
   batch, then merged into
   the running (count, mean, M2, M3, M4) with the pairwise update of Pebay (2008). No raw power sums,
   so no catastrophic cancellation. Also the minimum, maximum and number of positive activations.
+
+**Pools.** The per-token activations of the top-K, bottom-K and quantile lists are kept in *pool
+slots*, not in rank order: `top_slot[n, k]` names the slot of `top_acts[n]` that holds the excerpt
+of rank k (`quant_slot[n, q, s]` a slot among bucket q's S). When a batch admits a excerpts to a
+list, its last a entries drop out, and the i-th admitted excerpt (in the list's order) takes the
+slot of the (L - a + i)-th old entry, L the list's length; entries that stay keep their slots. So
+an update writes only the rows it admits and moves none (the Triton kernels would otherwise shift
+up to K rows of T activations per neuron and list, one dependent step after another). `ordered`
+gives the rank-ordered activations, as stored; a state made from stored arrays has every slot in
+rank order (`identity_slots`).
 """
 
 from __future__ import annotations
@@ -196,13 +206,17 @@ class LayerState:
     top_ids: torch.Tensor
     """[N, K] int64 excerpt ids; -1 in empty slots."""
     top_acts: torch.Tensor
-    """[N, K, T] activations (activation dtype) of those excerpts."""
+    """[N, K, T] activations (activation dtype) of those excerpts, in pool slots (`top_slot`)."""
+    top_slot: torch.Tensor
+    """[N, K] int32: the slot of `top_acts` that holds rank k (a permutation of 0..K-1)."""
     neg_min: torch.Tensor | None
     """[N, K] float32 excerpt minima, ascending; +inf in empty slots (None without negatives)."""
     neg_ids: torch.Tensor | None
     """[N, K] int64 excerpt ids of the most negative excerpts."""
     neg_acts: torch.Tensor | None
-    """[N, K, T] activations of those excerpts."""
+    """[N, K, T] activations of those excerpts, in pool slots (`neg_slot`)."""
+    neg_slot: torch.Tensor | None
+    """[N, K] int32: the slot of `neg_acts` that holds rank k."""
     random_acts: torch.Tensor
     """[N, R, T] activations of the run-wide random sample, slot order of `RandomSample`."""
     prefix_max: torch.Tensor
@@ -216,7 +230,9 @@ class LayerState:
     quant_ids: torch.Tensor
     """[N, Q, S] int64 excerpt ids; -1 in empty slots."""
     quant_acts: torch.Tensor
-    """[N, Q, S, T] activations of those excerpts."""
+    """[N, Q, S, T] activations of those excerpts, in pool slots (`quant_slot`)."""
+    quant_slot: torch.Tensor
+    """[N, Q, S] int32: the slot among bucket q's S that holds its rank s."""
     hist: torch.Tensor
     """[N, H + 2] int64 counts of excerpt maxima (underflow, H bins, overflow)."""
     hist_range: torch.Tensor
@@ -245,9 +261,11 @@ class LayerState:
             top_max=torch.full((n, K), -float("inf"), dtype=f32, **kw),
             top_ids=torch.full((n, K), -1, dtype=i64, **kw),
             top_acts=torch.zeros((n, K, T), dtype=act_dtype, **kw),
+            top_slot=identity_slots((n, K), device),
             neg_min=torch.full((n, K), float("inf"), dtype=f32, **kw) if neg else None,
             neg_ids=torch.full((n, K), -1, dtype=i64, **kw) if neg else None,
             neg_acts=torch.zeros((n, K, T), dtype=act_dtype, **kw) if neg else None,
+            neg_slot=identity_slots((n, K), device) if neg else None,
             random_acts=torch.zeros((n, R, T), dtype=act_dtype, **kw),
             prefix_max=torch.full((n, P), float("nan"), dtype=f32, **kw),
             bounds_ready=False,
@@ -255,6 +273,7 @@ class LayerState:
             quant_prio=torch.full((n, Q, S), INT64_MAX, dtype=i64, **kw),
             quant_ids=torch.full((n, Q, S), -1, dtype=i64, **kw),
             quant_acts=torch.zeros((n, Q, S, T), dtype=act_dtype, **kw),
+            quant_slot=identity_slots((n, Q, S), device),
             hist=torch.zeros((n, H + 2), dtype=i64, **kw),
             hist_range=torch.full((n, 2), float("nan"), dtype=f32, **kw),
             count=0,
@@ -268,6 +287,24 @@ class LayerState:
     def n_neurons(self) -> int:
         return self.top_max.shape[0]
 
+    def ordered(self, name: str) -> torch.Tensor | None:
+        """`top_acts`, `neg_acts` or `quant_acts` in rank order (a new tensor; any other field as is)."""
+        acts = getattr(self, name)
+        slot = {"top_acts": self.top_slot, "neg_acts": self.neg_slot, "quant_acts": self.quant_slot}.get(name)
+        if acts is None or slot is None:
+            return acts
+        index = slot.long().unsqueeze(-1).expand(*slot.shape, acts.shape[-1])
+        return acts.gather(slot.dim() - 1, index)
+
+
+SLOT_FIELDS = ("top_slot", "neg_slot", "quant_slot")
+"""The fields that say where activations lie in their pools: device layout, never stored."""
+
+
+def identity_slots(shape: tuple, device) -> torch.Tensor:
+    """Slot maps with every rank in its own slot (a fresh state, or one made from stored arrays)."""
+    return torch.arange(shape[-1], dtype=torch.int32, device=device).expand(shape).contiguous()
+
 
 def state_bytes(spec: ReductionSpec, n: int, act_dtype: torch.dtype) -> int:
     """Device bytes that `LayerState.empty(spec, n, ...)` allocates (the prefix buffer included)."""
@@ -277,11 +314,11 @@ def state_bytes(spec: ReductionSpec, n: int, act_dtype: torch.dtype) -> int:
         spec.quantile_prefix, spec.hist_bins,
     )
     per_neuron = (
-        K * (4 + 8) + K * T * a  # top
-        + (K * (4 + 8) + K * T * a if spec.negatives else 0)
+        K * (4 + 8 + 4) + K * T * a  # top: maxima, ids, slots, activations
+        + (K * (4 + 8 + 4) + K * T * a if spec.negatives else 0)
         + R * T * a
         + P * 4
-        + (Q - 1) * 4 + Q * S * (8 + 8) + Q * S * T * a
+        + (Q - 1) * 4 + Q * S * (8 + 8 + 4) + Q * S * T * a
         + (H + 2) * 8 + 2 * 4
         + 4 * 8 + 4 + 4 + 8
     )
@@ -301,13 +338,37 @@ def _gather_rows(old: torch.Tensor, acts_nbt: torch.Tensor, src: torch.Tensor, n
     return torch.where(from_old.unsqueeze(-1), a, b)
 
 
-def _merge_extreme(vals, ids, acts, batch_vals, batch_ids, acts_nbt, descending: bool):
+def _pool_merge(slot: torch.Tensor, src: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot maps after a merge (see Pools in the module docstring), along the last axis.
+
+    slot [..., L]: the old list's slots; src [..., L]: each new rank's source, an old rank (< L)
+    or a candidate (>= L), from a stable merge, so the old entries that stay are ranks 0..L-a-1.
+    Returns (new slots, admitted mask)."""
+    adm = src >= L
+    a = adm.sum(-1, keepdim=True)
+    i = adm.to(torch.int64).cumsum(-1) - 1  # an admitted entry's index among the admitted
+    freed = slot.gather(-1, (L - a + i).clamp(0, L - 1))
+    kept = slot.gather(-1, src.clamp(max=L - 1))
+    return torch.where(adm, freed, kept), adm
+
+
+def _pool_write(pool: torch.Tensor, new_slot: torch.Tensor, adm: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """pool [N, M, T] with rows [N, M, T] written to slots new_slot [N, M] where adm (every slot
+    of the pool appears once in new_slot, so the others are rewritten with what they hold)."""
+    index = new_slot.long().unsqueeze(-1).expand_as(rows)
+    return pool.scatter(1, index, torch.where(adm.unsqueeze(-1), rows, pool.gather(1, index)))
+
+
+def _merge_extreme(vals, ids, acts, slot, batch_vals, batch_ids, acts_nbt, descending: bool):
     K = vals.shape[1]
     N, B = batch_vals.shape
+    T = acts.shape[-1]
     cat_v = torch.cat([vals, batch_vals], dim=1)
     cat_i = torch.cat([ids, batch_ids.unsqueeze(0).expand(N, B)], dim=1)
     src = torch.sort(cat_v, dim=1, descending=descending, stable=True).indices[:, :K]
-    return cat_v.gather(1, src), cat_i.gather(1, src), _gather_rows(acts, acts_nbt, src, K)
+    new_slot, adm = _pool_merge(slot, src, K)
+    rows = acts_nbt.gather(1, (src - K).clamp(min=0).unsqueeze(-1).expand(-1, -1, T))
+    return cat_v.gather(1, src), cat_i.gather(1, src), _pool_write(acts, new_slot, adm, rows), new_slot
 
 
 def _bin_index(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, H: int) -> torch.Tensor:
@@ -403,12 +464,13 @@ def update_layer(state: LayerState, spec: ReductionSpec, acts: torch.Tensor, bat
     # 40 + 4 x 9 ms against 4 x 30 ms gathering from the strided view.
     acts_nbt = acts.permute(2, 0, 1).contiguous()
 
-    state.top_max, state.top_ids, state.top_acts = _merge_extreme(
-        state.top_max, state.top_ids, state.top_acts, emax, batch.ids, acts_nbt, descending=True
+    state.top_max, state.top_ids, state.top_acts, state.top_slot = _merge_extreme(
+        state.top_max, state.top_ids, state.top_acts, state.top_slot, emax, batch.ids, acts_nbt, descending=True
     )
     if spec.negatives:
-        state.neg_min, state.neg_ids, state.neg_acts = _merge_extreme(
-            state.neg_min, state.neg_ids, state.neg_acts, emin, batch.ids, acts_nbt, descending=False
+        state.neg_min, state.neg_ids, state.neg_acts, state.neg_slot = _merge_extreme(
+            state.neg_min, state.neg_ids, state.neg_acts, state.neg_slot, emin, batch.ids, acts_nbt,
+            descending=False
         )
     state.random_acts = _gather_rows(state.random_acts, acts_nbt, batch.random_src.unsqueeze(0).expand(N, -1), spec.random_k)
 
@@ -435,13 +497,13 @@ def update_layer(state: LayerState, spec: ReductionSpec, acts: torch.Tensor, bat
         src = torch.sort(cat_p, dim=2, stable=True).indices[:, :, :S]  # [N, Q, S]
         state.quant_prio = cat_p.gather(2, src)
         state.quant_ids = cat_i.gather(2, src)
-        flat_src = src.reshape(N, Q * S)
-        # Map a source index to a slot of the flattened old state or a batch row.
-        from_old = flat_src < S
-        old_slot = (torch.arange(Q, device=acts.device).view(1, Q, 1) * S + src.clamp(max=S - 1)).reshape(N, Q * S)
-        row = (flat_src - S).clamp(min=0) + p
-        src2 = torch.where(from_old, old_slot, row + Q * S)
-        state.quant_acts = _gather_rows(state.quant_acts.reshape(N, Q * S, T), acts_nbt, src2, Q * S).reshape(N, Q, S, T)
+        # Each bucket is a list of S with a pool of its own: slots are 0..S-1 within the bucket.
+        new_slot, adm = _pool_merge(state.quant_slot, src, S)
+        rows = acts_nbt.gather(1, ((src - S).clamp(min=0) + p).reshape(N, Q * S, 1).expand(-1, -1, T))
+        flat_slot = (new_slot + torch.arange(Q, device=acts.device, dtype=torch.int32).view(1, Q, 1) * S)
+        state.quant_acts = _pool_write(state.quant_acts.reshape(N, Q * S, T), flat_slot.reshape(N, Q * S),
+                                       adm.reshape(N, Q * S), rows).reshape(N, Q, S, T)
+        state.quant_slot = new_slot
 
     xs = x.reshape(B * T, N)
     nonfinite = _merge_moments(state, x)

@@ -25,16 +25,15 @@ everything that depends on the whole batch happens in a third, small kernel:
   batch mean and merges that batch set into the state (Pebay), then, only in blocks where some
   neuron has candidates, merges them into the sorted top-K (bottom-K, per-bucket
   bottom-S) lists in exactly the reference's order and copies the per-token activations of the
-  admitted excerpts (a re-read of those rows only). It also moves the random sample's slots as
-  `Batch.random_src` says. It resets the candidate counters, so the scratch stays ready for the
+  admitted excerpts (a re-read of those rows only) into the pool slots that the dropped entries
+  free (Pools in `kernels.reference`): no kept row moves. It also moves the random sample's slots
+  as `Batch.random_src` says. It resets the candidate counters, so the scratch stays ready for the
   next layer without a memset.
 
 Why the order matches the reference: a stable sort of [state, batch] by (maximum desc) equals the
 order (maximum desc, id asc), because state ids are smaller than batch ids. A batch excerpt whose
 maximum equals the K-th state value never enters (so the candidate filter is a strict `>`), the
-merge takes the state entry on ties, and candidates order among themselves by (value, row). Old
-entries only ever move to a later slot, so their activations move in place when the slots are
-walked from the end.
+merge takes the state entry on ties, and candidates order among themselves by (value, row).
 
 Nothing reads back to the host: the batch's first excerpt id (hence the token count before the
 batch, first_id * T, and the prefix rows) is read from `Batch.ids` on the device. The only host-side
@@ -524,25 +523,150 @@ def _place(j, best_key, best_row, skey, lm, l3, L: tl.constexpr, marked, before,
 
 
 @triton.jit
-def _slot_acts(k, first, msrc, gm, a_base, x_base, sxb, tm3, L: tl.constexpr, T):
-    """What slot k of each list receives, as (where it changes, activation rows [.., T_PAD]): the
-    rows of old slot s (s < L) or of batch row s - L, with s read back from the block's move
-    sources (`msrc`: [BLOCK_N, G_PAD] pointers to each list's slot 0). Slots below `first` (a
-    four-slot step's tail goes down to first - 3, below 0 too) neither change nor read a source:
-    reading one at k < 0 would be outside the scratch for the first neuron's first list."""
-    live = gm & ((gm.to(tl.int32) * 0 + k) >= first)  # a vector: the interpreter refuses a scalar in a mask
-    s = tl.load(msrc + k, mask=live, other=k)
-    mv = live & (s != k)
-    from_old = (mv & (s < L))[:, :, None]
-    from_new = (mv & (s >= L))[:, :, None]
-    a_old = tl.load(a_base + s[:, :, None].to(tl.int64) * T, mask=from_old & tm3)
-    a_new = tl.load(x_base + (s - L)[:, :, None].to(tl.int64) * sxb, mask=from_new & tm3)
-    return mv, tl.where(from_old, a_old, a_new)
+def _sequential(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max, ids_ptr, bkey_ptr,
+                nmask, n64, N, mrow, MS, lptr, lm, l3, skey, offs_g, SENT, PREV0,
+                L: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, L_PAD: tl.constexpr,
+                NEGATE: tl.constexpr, KEY_FROM_ROW: tl.constexpr, HAS_TAG: tl.constexpr):
+    """The merge one candidate at a time, for lists with buckets and for blocks where some neuron
+    has more than CB candidates (the first batches): the j-th candidate in (key, row) order lands
+    at slot j + #(old entries with key <= its key), min(C, L) steps, each a pass over the
+    candidates. Keys, ids and slots are rewritten as whole tiles (every source read before a
+    barrier, every changed slot written after it); the admitted rows and their pool slots go to
+    the scratch (`mrow`: [BLOCK_N, G_PAD] pointers), i-th admitted at i. Returns how many each
+    list admitted, [BLOCK_N, G_PAD], and their maximum."""
+    marked = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
+    before = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
+    mark_key = tl.full([BLOCK_N, G_PAD, L_PAD], SENT, skey.dtype)
+    mark_row = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
+    prev_key = tl.full([BLOCK_N, G_PAD], PREV0, skey.dtype)
+    prev_row = tl.full([BLOCK_N, G_PAD], -1, tl.int32)
+    for j in range(tl.minimum(c_max, L)):
+        best_key = tl.full([BLOCK_N, G_PAD], SENT, skey.dtype)
+        best_row = tl.full([BLOCK_N, G_PAD], 1073741824, tl.int32)
+        for c0 in range(0, c_max, CB):
+            ck3, cr3, cm3 = _candidates(cand_key_ptr, cand_row_ptr, cand_tag_ptr, bkey_ptr, c0, cnt, nmask, n64,
+                                        N, offs_g, SENT, CB, NEGATE, KEY_FROM_ROW, HAS_TAG)
+            best_key, best_row = _next_candidate(ck3, cr3, cm3, prev_key, prev_row, best_key, best_row, SENT)
+        marked, before, mark_key, mark_row, prev_key, prev_row = _place(
+            j, best_key, best_row, skey, lm, l3, L, marked, before, mark_key, mark_row, prev_key, prev_row)
+
+    # Slot l: the candidate marked there, else old entry l - (candidates inserted before l). The
+    # i-th admitted candidate (i = `before` at its slot) takes the pool slot of old entry L - a + i.
+    new = (marked != 0) & lm
+    src = tl.where(new, L + mark_row, l3 - before)
+    mv = lm & (src != l3)
+    from_old = mv & (src < L)
+    admitted = tl.sum(new.to(tl.int32), axis=2)
+    pool_src = tl.where(new, L - admitted[:, :, None] + before, src)
+    pool_src = tl.minimum(tl.maximum(pool_src, 0), L - 1)
+    old_key = tl.load(key_ptr + lptr - l3 + src, mask=from_old)
+    old_id = tl.load(id_ptr + lptr - l3 + src, mask=from_old)
+    slot = tl.load(slot_ptr + lptr - l3 + pool_src, mask=mv)
+    new_id = tl.load(ids_ptr + tl.where(new, mark_row, 0), mask=new)
+    if NEGATE:
+        mark_key = -mark_key
+    tl.debug_barrier()  # every old key, id and slot read (and the previous list's scratch)
+    tl.store(key_ptr + lptr, tl.where(from_old, old_key, mark_key), mask=mv)
+    tl.store(id_ptr + lptr, tl.where(from_old, old_id, new_id), mask=mv)
+    tl.store(slot_ptr + lptr, slot, mask=mv)
+    tl.store(mrow[:, :, None] + before, mark_row, mask=new)
+    tl.store(mrow[:, :, None] + MS + before, slot, mask=new)
+    return admitted, tl.max(tl.max(admitted, axis=1), axis=0)
+
+
+@triton.jit
+def _key_at(cand_key_ptr, cand_row_ptr, bkey_ptr, at, mask, SENT, NEGATE: tl.constexpr, KEY_FROM_ROW: tl.constexpr):
+    """The ascending keys of the candidates at `at` (masked ones: SENT, after every real key)."""
+    if KEY_FROM_ROW:
+        return tl.load(bkey_ptr + tl.load(cand_row_ptr + at, mask=mask, other=0), mask=mask, other=SENT)
+    elif NEGATE:
+        return -tl.load(cand_key_ptr + at, mask=mask, other=float("-inf"))
+    else:
+        return tl.load(cand_key_ptr + at, mask=mask, other=SENT)
+
+
+@triton.jit
+def _ranked(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cnt, c_max, ids_ptr, bkey_ptr, nmask, n64, N,
+            mrow, MS, SENT, L: tl.constexpr, L_PAD: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
+            NEGATE: tl.constexpr, KEY_FROM_ROW: tl.constexpr):
+    """The merge of a list without buckets where every neuron of the block has at most CB
+    candidates (the common case once the lists have filled), in one pass by ranks: candidate j
+    lands at #(old entries with key <= its key) + #(candidates before it in (key, row) order),
+    and old entry l at l + #(candidates with key < its key), if inside the list. Same order as
+    `_sequential`, without its chain of selection steps (each a cross-thread reduction with its
+    barriers): the counts are element-wise sums, and every entry is written once, straight to its
+    slot. Returns what `_sequential` returns."""
+    offs_l = tl.arange(0, L_PAD)
+    lm = nmask[:, None] & (offs_l[None, :] < L)
+    lptr = n64[:, None] * L + offs_l[None, :]
+    if NEGATE:
+        skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
+    else:
+        skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
+    sid = tl.load(id_ptr + lptr, mask=lm)
+    sslot = tl.load(slot_ptr + lptr, mask=lm)
+    cc = tl.arange(0, CB)
+    cm = nmask[:, None] & (cc[None, :] < cnt[:, None])
+    cptr = cc[None, :].to(tl.int64) * N + n64[:, None]
+    crow = tl.load(cand_row_ptr + cptr, mask=cm, other=1073741824)
+    ck = _key_at(cand_key_ptr, cand_row_ptr, bkey_ptr, cptr, cm, SENT, NEGATE, KEY_FROM_ROW)
+    # Counted by loops over the candidates and over the old entries, each loading one key per
+    # neuron (from the cache), so that every tile stays [BLOCK_N, CB] or [BLOCK_N, L_PAD]: the
+    # [BLOCK_N, CB, L_PAD] comparison tiles of a one-shot count spilled registers on sm_90.
+    rank = tl.zeros([BLOCK_N, CB], dtype=tl.int32)  # candidates before candidate j in (key, row) order
+    shift = tl.zeros([BLOCK_N, L_PAD], dtype=tl.int32)  # candidates strictly below old entry l's key
+    for c in range(0, c_max):
+        live = nmask & (cnt > c)
+        kc = _key_at(cand_key_ptr, cand_row_ptr, bkey_ptr, c * N + n64, live, SENT, NEGATE, KEY_FROM_ROW)
+        rc = tl.load(cand_row_ptr + c * N + n64, mask=live, other=1073741824)
+        ahead = live[:, None] & ((kc[:, None] < ck) | ((kc[:, None] == ck) & (rc[:, None] < crow)))
+        rank += ahead.to(tl.int32)
+        shift += (live[:, None] & (kc[:, None] < skey)).to(tl.int32)
+    pos = rank  # + old entries at or below candidate j's key (the old entry wins a tie)
+    for l in range(0, L):
+        if NEGATE:
+            kl = -tl.load(key_ptr + n64 * L + l, mask=nmask, other=float("-inf"))
+        else:
+            kl = tl.load(key_ptr + n64 * L + l, mask=nmask, other=SENT)
+        pos += (kl[:, None] <= ck).to(tl.int32)
+    adm = cm & (pos < L)
+    admitted = tl.sum(adm.to(tl.int32), axis=1)
+    to = offs_l[None, :] + shift
+    move = lm & (shift > 0) & (to < L)
+    pool = tl.minimum(tl.maximum(L - admitted[:, None] + rank, 0), L - 1)
+    cslot = tl.load(slot_ptr + n64[:, None] * L + pool, mask=adm)
+    cid = tl.load(ids_ptr + tl.where(adm, crow, 0), mask=adm)
+    if NEGATE:
+        skey = -skey
+        ck = -ck
+    tl.debug_barrier()  # every old key, id and slot read (and the previous list's scratch)
+    tl.store(key_ptr + n64[:, None] * L + to, skey, mask=move)
+    tl.store(id_ptr + n64[:, None] * L + to, sid, mask=move)
+    tl.store(slot_ptr + n64[:, None] * L + to, sslot, mask=move)
+    cpos = n64[:, None] * L + pos
+    tl.store(key_ptr + cpos, ck, mask=adm)
+    tl.store(id_ptr + cpos, cid, mask=adm)
+    tl.store(slot_ptr + cpos, cslot, mask=adm)
+    tl.store(mrow + rank, crow, mask=adm)
+    tl.store(mrow + MS + rank, cslot, mask=adm)
+    return admitted[:, None], tl.max(admitted, axis=0)
+
+
+@triton.jit
+def _admitted_row(i, admitted, mrow, MS, gm, a_base, x_base, sxb, tm3, T):
+    """The i-th admitted row of each list ([BLOCK_N, G_PAD, T_PAD] activations from the batch),
+    where it goes (its pool slot) and the mask of the lists that admitted that many."""
+    live = gm & (admitted > i)
+    row = tl.load(mrow + i, mask=live, other=0)
+    slot = tl.load(mrow + MS + i, mask=live, other=0)
+    m3 = live[:, :, None] & tm3
+    a = tl.load(x_base + row[:, :, None].to(tl.int64) * sxb, mask=m3)
+    return m3, a, a_base + slot[:, :, None].to(tl.int64) * T
 
 
 @triton.jit
 def _merge_lists(
-    key_ptr, id_ptr, acts_ptr, stride_ln, stride_an,
+    key_ptr, id_ptr, slot_ptr, acts_ptr, stride_ln, stride_an,
     cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max,
     ids_ptr, bkey_ptr, x_ptr, sxb, sxt,
     offs_n, nmask, N, T, msrc_ptr, MS,
@@ -551,23 +675,18 @@ def _merge_lists(
     NEGATE: tl.constexpr, KEY_INT: tl.constexpr, KEY_FROM_ROW: tl.constexpr, HAS_TAG: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    """Merge each neuron's candidates into its G sorted lists of L (key, id, acts[T]) entries.
+    """Merge each neuron's candidates into its G sorted lists of L (key, id, pool slot) entries
+    and write the admitted excerpts' activations into their pool slots (see Pools in
+    `kernels.reference`).
 
     Keys ascend (NEGATE turns stored maxima into ascending keys); list g of neuron n starts at
-    element n * stride_ln + g * L. A candidate belongs to list `tag` (0 without HAS_TAG).
-    Candidates are taken in (key, row) order, min(C, L) of them; the j-th lands at slot
-    j + #(old entries with key <= its key): the old entry wins a tie, being an older excerpt.
-    In lists without buckets (top and bottom K), where every neuron of the block has at most CB
-    candidates (the common case once the lists have filled), they are loaded once, not once per
-    step. Old entries fill the remaining slots in their order.
-
-    Then the lists are rewritten. Keys and ids as whole [BLOCK_N, G, L] tiles: every source read
-    before a barrier, every changed slot written after it. The activation rows slot by slot, from
-    the last changed slot backwards, so that an old entry (which only ever moves to a later slot)
-    is read before its slot is overwritten; with WIDE, four slots per step, all four read before a
-    barrier and written after it (a slot's source is never a later slot). Each slot's source comes
-    back from `msrc_ptr` ([N, MS] int32 scratch), where the tile of sources is stored once: taking
-    it out of the register tile cost two cross-thread reductions, with their barriers, per slot."""
+    element n * stride_ln + g * L of keys, ids and slots, and its pool at n * stride_an + g * L * T.
+    A candidate belongs to list `tag` (0 without HAS_TAG). Old entries win ties (older excerpts);
+    candidates order among themselves by (key, row). `_ranked` merges in one pass where it can,
+    `_sequential` otherwise; either leaves each admitted row and its pool slot in the scratch
+    (`msrc_ptr`: [N, 2 MS] int32, rows then slots). The rows are then copied, WIDE: four at a
+    time, all loads before the stores. No old row moves: admitted rows go to the pool slots that
+    the dropped entries free, so no copy depends on another."""
     # SENT: the key of an empty slot or of no candidate; 1073741824 (2^30): the row of none.
     if KEY_INT:
         SENT = 9223372036854775807
@@ -577,87 +696,59 @@ def _merge_lists(
         PREV0 = float("-inf")
     n64 = offs_n.to(tl.int64)
     offs_g = tl.arange(0, G_PAD)
-    offs_l = tl.arange(0, L_PAD)
-    l3 = offs_l[None, None, :]
-    lm = nmask[:, None, None] & (offs_g[None, :, None] < G) & (l3 < L)
-    lptr = n64[:, None, None] * stride_ln + offs_g[None, :, None] * L + l3
-    if NEGATE:
-        skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
+    gm = nmask[:, None] & (offs_g[None, :] < G)
+    mrow = msrc_ptr + n64[:, None] * (2 * MS) + offs_g[None, :] * L  # [BLOCK_N, G_PAD]
+    if HAS_TAG:
+        offs_l = tl.arange(0, L_PAD)
+        l3 = offs_l[None, None, :]
+        lm = gm[:, :, None] & (l3 < L)
+        lptr = n64[:, None, None] * stride_ln + offs_g[None, :, None] * L + l3
+        if NEGATE:
+            skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
+        else:
+            skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
+        admitted, a_max = _sequential(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max,
+                                      ids_ptr, bkey_ptr, nmask, n64, N, mrow, MS, lptr, lm, l3, skey, offs_g, SENT,
+                                      PREV0, L, CB, BLOCK_N, G_PAD, L_PAD, NEGATE, KEY_FROM_ROW, HAS_TAG)
     else:
-        skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
-
-    marked = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
-    before = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
-    mark_key = tl.full([BLOCK_N, G_PAD, L_PAD], SENT, skey.dtype)
-    mark_row = tl.zeros([BLOCK_N, G_PAD, L_PAD], dtype=tl.int32)
-    prev_key = tl.full([BLOCK_N, G_PAD], PREV0, skey.dtype)
-    prev_row = tl.full([BLOCK_N, G_PAD], -1, tl.int32)
-    n_steps = tl.minimum(c_max, L)
-    if (c_max <= CB) & (not HAS_TAG):  # the bucketed lists' [BLOCK_N, G_PAD, CB] masks cost too many registers
-        ck3, cr3, cm3 = _candidates(cand_key_ptr, cand_row_ptr, cand_tag_ptr, bkey_ptr, 0, cnt, nmask, n64, N,
-                                    offs_g, SENT, CB, NEGATE, KEY_FROM_ROW, HAS_TAG)
-        for j in range(n_steps):
-            best_key, best_row = _next_candidate(ck3, cr3, cm3, prev_key, prev_row,
-                                                 tl.full([BLOCK_N, G_PAD], SENT, skey.dtype),
-                                                 tl.full([BLOCK_N, G_PAD], 1073741824, tl.int32), SENT)
-            marked, before, mark_key, mark_row, prev_key, prev_row = _place(
-                j, best_key, best_row, skey, lm, l3, L, marked, before, mark_key, mark_row, prev_key, prev_row)
-    else:
-        for j in range(n_steps):
-            best_key = tl.full([BLOCK_N, G_PAD], SENT, skey.dtype)
-            best_row = tl.full([BLOCK_N, G_PAD], 1073741824, tl.int32)
-            for c0 in range(0, c_max, CB):
-                ck3, cr3, cm3 = _candidates(cand_key_ptr, cand_row_ptr, cand_tag_ptr, bkey_ptr, c0, cnt, nmask, n64,
-                                            N, offs_g, SENT, CB, NEGATE, KEY_FROM_ROW, HAS_TAG)
-                best_key, best_row = _next_candidate(ck3, cr3, cm3, prev_key, prev_row, best_key, best_row, SENT)
-            marked, before, mark_key, mark_row, prev_key, prev_row = _place(
-                j, best_key, best_row, skey, lm, l3, L, marked, before, mark_key, mark_row, prev_key, prev_row)
-
-    # Slot l: the candidate marked there, else old entry l - (candidates inserted before l).
-    src = tl.where(marked != 0, L + mark_row, l3 - before)
-    mv = lm & (src != l3)
-    from_old = mv & (src < L)
-    from_new = mv & (src >= L)
-    old_key = tl.load(key_ptr + lptr - l3 + src, mask=from_old)
-    old_id = tl.load(id_ptr + lptr - l3 + src, mask=from_old)
-    new_id = tl.load(ids_ptr + tl.where(from_new, src - L, 0), mask=from_new)
-    if NEGATE:
-        mark_key = -mark_key
-    key = tl.where(from_old, old_key, mark_key)
-    id = tl.where(from_old, old_id, new_id)
-    first = tl.min(tl.min(tl.min(tl.where(mv, l3, L), axis=2), axis=1), axis=0)
-    mrow = msrc_ptr + n64[:, None, None] * MS + offs_g[None, :, None] * L
-    tl.debug_barrier()  # every old key and id read (and the previous list's sources)
-    tl.store(key_ptr + lptr, key, mask=mv)
-    tl.store(id_ptr + lptr, id, mask=mv)
-    tl.store(mrow + l3, src, mask=lm)
-    tl.debug_barrier()  # the sources visible to every thread
+        if c_max <= CB:
+            admitted, a_max = _ranked(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cnt, c_max, ids_ptr, bkey_ptr,
+                                      nmask, n64, N, msrc_ptr + n64[:, None] * (2 * MS), MS, SENT, L, L_PAD, CB,
+                                      BLOCK_N, NEGATE, KEY_FROM_ROW)
+        else:
+            offs_l = tl.arange(0, L_PAD)
+            l3 = offs_l[None, None, :]
+            lm = gm[:, :, None] & (l3 < L)
+            lptr = n64[:, None, None] * stride_ln + offs_g[None, :, None] * L + l3
+            if NEGATE:
+                skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
+            else:
+                skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
+            admitted, a_max = _sequential(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt,
+                                          c_max, ids_ptr, bkey_ptr, nmask, n64, N, mrow, MS, lptr, lm, l3, skey,
+                                          offs_g, SENT, PREV0, L, CB, BLOCK_N, G_PAD, L_PAD, NEGATE, KEY_FROM_ROW,
+                                          HAS_TAG)
+    tl.debug_barrier()  # the scratch visible to every thread
 
     offs_t = tl.arange(0, T_PAD)
     t3 = offs_t[None, None, :]
     tm3 = t3 < T
-    gm = nmask[:, None] & (offs_g[None, :] < G)
-    msrc = msrc_ptr + n64[:, None] * MS + offs_g[None, :] * L
     a_base = acts_ptr + n64[:, None, None] * stride_an + offs_g[None, :, None] * (L * T) + t3
     x_base = x_ptr + t3.to(tl.int64) * sxt + n64[:, None, None]
     if WIDE:
-        for i in range(0, L - first, 4):
-            k = L - 1 - i
-            mv0, a0 = _slot_acts(k, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
-            mv1, a1 = _slot_acts(k - 1, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
-            mv2, a2 = _slot_acts(k - 2, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
-            mv3, a3 = _slot_acts(k - 3, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
-            tl.debug_barrier()
-            tl.store(a_base + k * T, a0, mask=mv0[:, :, None] & tm3)
-            tl.store(a_base + (k - 1) * T, a1, mask=mv1[:, :, None] & tm3)
-            tl.store(a_base + (k - 2) * T, a2, mask=mv2[:, :, None] & tm3)
-            tl.store(a_base + (k - 3) * T, a3, mask=mv3[:, :, None] & tm3)
+        for i in range(0, a_max, 4):
+            m0, a0, d0 = _admitted_row(i, admitted, mrow, MS, gm, a_base, x_base, sxb, tm3, T)
+            m1, a1, d1 = _admitted_row(i + 1, admitted, mrow, MS, gm, a_base, x_base, sxb, tm3, T)
+            m2, a2, d2 = _admitted_row(i + 2, admitted, mrow, MS, gm, a_base, x_base, sxb, tm3, T)
+            m3, a3, d3 = _admitted_row(i + 3, admitted, mrow, MS, gm, a_base, x_base, sxb, tm3, T)
+            tl.store(d0, a0, mask=m0)
+            tl.store(d1, a1, mask=m1)
+            tl.store(d2, a2, mask=m2)
+            tl.store(d3, a3, mask=m3)
     else:
-        for i in range(L - first):
-            k = L - 1 - i
-            mv0, a0 = _slot_acts(k, first, msrc, gm, a_base, x_base, sxb, tm3, L, T)
-            tl.debug_barrier()
-            tl.store(a_base + k * T, a0, mask=mv0[:, :, None] & tm3)
+        for i in range(0, a_max):
+            m0, a0, d0 = _admitted_row(i, admitted, mrow, MS, gm, a_base, x_base, sxb, tm3, T)
+            tl.store(d0, a0, mask=m0)
 
 
 @triton.jit
@@ -676,8 +767,8 @@ def _random_slot_read(j, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R: tl.co
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
 def _finish_kernel(
     x_ptr, sxb, sxt, ids_ptr, bqprio_ptr, rsrc_ptr,
-    top_max_ptr, top_ids_ptr, top_acts_ptr, neg_min_ptr, neg_ids_ptr, neg_acts_ptr, rand_acts_ptr,
-    qprio_ptr, qids_ptr, qacts_ptr, mom_ptr, amin_ptr, amax_ptr, npos_ptr,
+    top_max_ptr, top_ids_ptr, top_acts_ptr, top_slot_ptr, neg_min_ptr, neg_ids_ptr, neg_acts_ptr, neg_slot_ptr,
+    rand_acts_ptr, qprio_ptr, qids_ptr, qacts_ptr, qslot_ptr, mom_ptr, amin_ptr, amax_ptr, npos_ptr,
     pmom_ptr, pmm_ptr, pint_ptr,
     cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
     flag_ptr, msrc_ptr, MS,
@@ -743,7 +834,7 @@ def _finish_kernel(
     cnt = tl.load(cnt_ptr + offs_n, mask=nmask, other=0)
     c_max = tl.max(cnt, axis=0)
     if c_max > 0:
-        _merge_lists(top_max_ptr, top_ids_ptr, top_acts_ptr, K, K * T,
+        _merge_lists(top_max_ptr, top_ids_ptr, top_slot_ptr, top_acts_ptr, K, K * T,
                      ctop_val_ptr, ctop_row_ptr, ctop_row_ptr, cnt, c_max,
                      ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
                      msrc_ptr, MS, 1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, True, False, False, False, True)
@@ -752,7 +843,7 @@ def _finish_kernel(
         cnt = tl.load(cnt_ptr + N + offs_n, mask=nmask, other=0)
         c_max = tl.max(cnt, axis=0)
         if c_max > 0:
-            _merge_lists(neg_min_ptr, neg_ids_ptr, neg_acts_ptr, K, K * T,
+            _merge_lists(neg_min_ptr, neg_ids_ptr, neg_slot_ptr, neg_acts_ptr, K, K * T,
                          cneg_val_ptr, cneg_row_ptr, cneg_row_ptr, cnt, c_max,
                          ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
                          msrc_ptr, MS, 1, 1, K, K_PAD, T_PAD, CB, BLOCK_N, False, False, False, False, True)
@@ -761,7 +852,7 @@ def _finish_kernel(
         cnt = tl.load(cnt_ptr + 2 * N + offs_n, mask=nmask, other=0)
         c_max = tl.max(cnt, axis=0)
         if c_max > 0:
-            _merge_lists(qprio_ptr, qids_ptr, qacts_ptr, Q * S, Q * S * T,
+            _merge_lists(qprio_ptr, qids_ptr, qslot_ptr, qacts_ptr, Q * S, Q * S * T,
                          cq_row_ptr, cq_row_ptr, cq_tag_ptr, cnt, c_max,
                          ids_ptr, bqprio_ptr, x_ptr, sxb, sxt, offs_n, nmask, N, T,
                          msrc_ptr, MS, Q, Q_PAD, S, S_PAD, T_PAD, CB, BLOCK_N, False, True, True, True, False)
@@ -818,10 +909,10 @@ def _scratch(device: torch.device, n: int, rows: int, splits: int, dtype: torch.
     key = (str(device), stream, n)
     s = _SCRATCH.get(key)
     if (s is None or s["rows"] < rows or s["splits"] < splits or s["emax"].dtype != dtype
-            or s["msrc"].shape[1] < slots):
+            or s["msrc"].shape[1] < 2 * slots):
         rows = max(rows, s["rows"] if s else 0)
         splits = max(splits, s["splits"] if s else 0)
-        slots = max(slots, s["msrc"].shape[1] if s else 0)
+        slots = max(slots, s["msrc"].shape[1] // 2 if s else 0)
         i32, f32 = torch.int32, torch.float32
         s = {
             "rows": rows, "splits": splits,
@@ -837,7 +928,8 @@ def _scratch(device: torch.device, n: int, rows: int, splits: int, dtype: torch.
             "pint": torch.empty((2, splits, n), dtype=i32, device=device),
             "emax": torch.empty((rows, n), dtype=dtype, device=device),  # each excerpt's maximum
             "emin": torch.empty((rows, n), dtype=dtype, device=device),  # and minimum
-            "msrc": torch.empty((n, slots), dtype=i32, device=device),  # the finish kernel's move sources
+            # the finish kernel's admitted rows and their pool slots, per list
+            "msrc": torch.empty((n, 2 * slots), dtype=i32, device=device),
         }
         _SCRATCH[key] = s
     return s
@@ -846,7 +938,11 @@ def _scratch(device: torch.device, n: int, rows: int, splits: int, dtype: torch.
 def scratch_bytes(n: int, rows: int, splits: int, itemsize: int = 4, slots: int = 50) -> int:
     """Device bytes of the scratch one layer width needs (shared by all layers of that width)."""
     return (3 * n * 4 + rows * n * (6 * 4 + 2 * itemsize) + splits * n * (4 * 8 + 3 * 4 + 2 * 4)
-            + n * slots * 4)
+            + n * 2 * max(slots, _CB) * 4)
+
+
+_CB = 16
+"""Candidates the finish kernel loads together; a block where no neuron has more merges by ranks."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -899,8 +995,8 @@ def default_config(n: int, rows: int, device: torch.device) -> tuple[int, int, i
     return block_n, -(-rows // splits), TUNING["finish_block_n"]
 
 
-def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_ids, neg_acts,
-            random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts, hist, hist_range,
+def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, top_slot, neg_min, neg_ids, neg_acts, neg_slot,
+            random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts, quant_slot, hist, hist_range,
             moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi, bounds_ready, do_random,
             block_n=0, rows_per_split=0, finish_block_n=0, fused=None) -> torch.Tensor:
     """One layer's launches. `fused`: None, or (pre, up, y, act, skip) for the path that
@@ -930,7 +1026,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
     fbn = finish_block_n or fbn
     rps = rows_per_split or rps
     splits = -(-rows // rps)
-    sc = _scratch(acts.device, N, B, splits, acts.dtype, max(1, K, Q * S))
+    sc = _scratch(acts.device, N, B, splits, acts.dtype, max(_CB, K, Q * S))
     neg = neg_min is not None
     quant = bool(bounds_ready) and S > 0
     hist_on = bool(bounds_ready)
@@ -961,15 +1057,15 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
     )
     _finish_kernel[(triton.cdiv(N, fbn),)](
         acts, acts.stride(0), acts.stride(1), ids, bqprio, rsrc,
-        top_max, top_ids, top_acts,
-        neg_min if neg else dummy, neg_ids if neg else dummy, neg_acts if neg else dummy,
-        random_acts, quant_prio, quant_ids, quant_acts, moments, amin, amax, n_positive,
+        top_max, top_ids, top_acts, top_slot,
+        neg_min if neg else dummy, neg_ids if neg else dummy, neg_acts if neg else dummy, neg_slot if neg else dummy,
+        random_acts, quant_prio, quant_ids, quant_acts, quant_slot, moments, amin, amax, n_positive,
         sc["pmom"], sc["pmm"], sc["pint"],
         sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
-        flag, sc["msrc"], sc["msrc"].shape[1],
+        flag, sc["msrc"], sc["msrc"].shape[1] // 2,
         N, T, row_lo, row_hi, rps, splits,
         K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn,
-        T_PAD=T_PAD, CB=16, SB=64,
+        T_PAD=T_PAD, CB=_CB, SB=64,
         NEG=neg, QUANT=quant, RANDOM=bool(do_random) and R > 0,
         num_warps=TUNING["finish_warps"] if acts.is_cuda else 4,
     )
@@ -979,18 +1075,19 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, neg_min, neg_id
 # ---------------------------------------------------------------------------------------------
 # The custom op: in-place on the state, so it lives inside a compiled graph without a break.
 
-_MUTATED = ("top_max", "top_ids", "top_acts", "neg_min", "neg_ids", "neg_acts", "random_acts",
-            "prefix_max", "quant_prio", "quant_ids", "quant_acts", "hist", "moments", "amin", "amax",
-            "n_positive")
+_MUTATED = ("top_max", "top_ids", "top_acts", "top_slot", "neg_min", "neg_ids", "neg_acts", "neg_slot",
+            "random_acts", "prefix_max", "quant_prio", "quant_ids", "quant_acts", "quant_slot", "hist", "moments",
+            "amin", "amax", "n_positive")
 
 
 @torch.library.custom_op("neuronatlas::update_layer_", mutates_args=_MUTATED)
 def update_layer_op(
     acts: torch.Tensor, ids: torch.Tensor, quant_prio_b: torch.Tensor, random_src: torch.Tensor,
-    top_max: torch.Tensor, top_ids: torch.Tensor, top_acts: torch.Tensor,
+    top_max: torch.Tensor, top_ids: torch.Tensor, top_acts: torch.Tensor, top_slot: torch.Tensor,
     neg_min: Optional[torch.Tensor], neg_ids: Optional[torch.Tensor], neg_acts: Optional[torch.Tensor],
-    random_acts: torch.Tensor, prefix_max: torch.Tensor, quant_bounds: torch.Tensor,
-    quant_prio: torch.Tensor, quant_ids: torch.Tensor, quant_acts: torch.Tensor,
+    neg_slot: Optional[torch.Tensor], random_acts: torch.Tensor, prefix_max: torch.Tensor,
+    quant_bounds: torch.Tensor, quant_prio: torch.Tensor, quant_ids: torch.Tensor, quant_acts: torch.Tensor,
+    quant_slot: torch.Tensor,
     hist: torch.Tensor, hist_range: torch.Tensor, moments: torch.Tensor,
     amin: torch.Tensor, amax: torch.Tensor, n_positive: torch.Tensor,
     quantile_prefix: int, row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool,
@@ -1002,9 +1099,9 @@ def update_layer_op(
     is what lets the op run without a host integer that changes every batch. Returns a 0-d bool:
     whether any activation in those rows was NaN or infinite. The last three arguments override
     the block sizes (0: `default_config`); tests use them to cover odd tilings."""
-    return _launch(acts, ids, quant_prio_b, random_src, top_max, top_ids, top_acts, neg_min, neg_ids,
-                   neg_acts, random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts,
-                   hist, hist_range, moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi,
+    return _launch(acts, ids, quant_prio_b, random_src, top_max, top_ids, top_acts, top_slot, neg_min, neg_ids,
+                   neg_acts, neg_slot, random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts,
+                   quant_slot, hist, hist_range, moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi,
                    bounds_ready, do_random, block_n, rows_per_split, finish_block_n)
 
 
@@ -1017,10 +1114,11 @@ def _(acts, *args, **kwargs):
 def activate_update_op(
     pre: torch.Tensor, up: Optional[torch.Tensor], y: torch.Tensor, act: int, skip: int,
     ids: torch.Tensor, quant_prio_b: torch.Tensor, random_src: torch.Tensor,
-    top_max: torch.Tensor, top_ids: torch.Tensor, top_acts: torch.Tensor,
+    top_max: torch.Tensor, top_ids: torch.Tensor, top_acts: torch.Tensor, top_slot: torch.Tensor,
     neg_min: Optional[torch.Tensor], neg_ids: Optional[torch.Tensor], neg_acts: Optional[torch.Tensor],
-    random_acts: torch.Tensor, prefix_max: torch.Tensor, quant_bounds: torch.Tensor,
-    quant_prio: torch.Tensor, quant_ids: torch.Tensor, quant_acts: torch.Tensor,
+    neg_slot: Optional[torch.Tensor], random_acts: torch.Tensor, prefix_max: torch.Tensor,
+    quant_bounds: torch.Tensor, quant_prio: torch.Tensor, quant_ids: torch.Tensor, quant_acts: torch.Tensor,
+    quant_slot: torch.Tensor,
     hist: torch.Tensor, hist_range: torch.Tensor, moments: torch.Tensor,
     amin: torch.Tensor, amax: torch.Tensor, n_positive: torch.Tensor,
     quantile_prefix: int, row_lo: int, row_hi: int, bounds_ready: bool, do_random: bool,
@@ -1029,9 +1127,9 @@ def activate_update_op(
     """`update_layer_op` where the activations are produced: writes y = act(pre) (* up) for
     rows [row_lo, row_hi) of [B, skip + T, N] and folds y[:, skip:] into the state, reading pre
     (and up) once. Returns the non-finite flag of the activations."""
-    return _launch(y[:, skip:], ids, quant_prio_b, random_src, top_max, top_ids, top_acts, neg_min,
-                   neg_ids, neg_acts, random_acts, prefix_max, quant_bounds, quant_prio, quant_ids,
-                   quant_acts, hist, hist_range, moments, amin, amax, n_positive, quantile_prefix,
+    return _launch(y[:, skip:], ids, quant_prio_b, random_src, top_max, top_ids, top_acts, top_slot, neg_min,
+                   neg_ids, neg_acts, neg_slot, random_acts, prefix_max, quant_bounds, quant_prio, quant_ids,
+                   quant_acts, quant_slot, hist, hist_range, moments, amin, amax, n_positive, quantile_prefix,
                    row_lo, row_hi, bounds_ready, do_random, block_n, rows_per_split, finish_block_n,
                    fused=(pre, up, y, act, skip))
 
@@ -1042,9 +1140,9 @@ def _(pre, *args, **kwargs):
 
 
 def _state_args(state: ref.LayerState) -> tuple:
-    return (state.top_max, state.top_ids, state.top_acts, state.neg_min, state.neg_ids, state.neg_acts,
-            state.random_acts, state.prefix_max, state.quant_bounds, state.quant_prio, state.quant_ids,
-            state.quant_acts, state.hist, state.hist_range, state.moments, state.amin, state.amax,
+    return (state.top_max, state.top_ids, state.top_acts, state.top_slot, state.neg_min, state.neg_ids,
+            state.neg_acts, state.neg_slot, state.random_acts, state.prefix_max, state.quant_bounds,
+            state.quant_prio, state.quant_ids, state.quant_acts, state.quant_slot, state.hist, state.hist_range, state.moments, state.amin, state.amax,
             state.n_positive)
 
 
@@ -1103,9 +1201,9 @@ def _fold(state: ref.LayerState, spec: ref.ReductionSpec, batch: ref.Batch, B: i
 def check_state(state: ref.LayerState, acts: torch.Tensor) -> None:
     """The kernels write the state in place: it must be contiguous, on the activations' device,
     and keep per-token activations in their dtype."""
-    for name in ("top_max", "top_ids", "top_acts", "neg_min", "neg_ids", "neg_acts", "random_acts",
-                 "prefix_max", "quant_bounds", "quant_prio", "quant_ids", "quant_acts", "hist",
-                 "hist_range", "moments", "amin", "amax", "n_positive"):
+    for name in ("top_max", "top_ids", "top_acts", "top_slot", "neg_min", "neg_ids", "neg_acts", "neg_slot",
+                 "random_acts", "prefix_max", "quant_bounds", "quant_prio", "quant_ids", "quant_acts",
+                 "quant_slot", "hist", "hist_range", "moments", "amin", "amax", "n_positive"):
         t = getattr(state, name)
         if t is None:
             continue
@@ -1113,6 +1211,10 @@ def check_state(state: ref.LayerState, acts: torch.Tensor) -> None:
             raise ValueError(f"LayerState.{name} must be a contiguous tensor on {acts.device}")
     if state.top_acts.dtype != acts.dtype:
         raise ValueError(f"activations are {acts.dtype} but the state keeps {state.top_acts.dtype}")
+    for name in ref.SLOT_FIELDS:
+        t = getattr(state, name)
+        if t is not None and t.dtype != torch.int32:
+            raise ValueError(f"LayerState.{name} must be int32, not {t.dtype}")
 
 
 def update_layer(state: ref.LayerState, spec: ref.ReductionSpec, acts: torch.Tensor, batch: ref.Batch,
