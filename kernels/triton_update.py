@@ -586,23 +586,19 @@ def _key_at(cand_key_ptr, cand_row_ptr, bkey_ptr, at, mask, SENT, NEGATE: tl.con
 
 
 @triton.jit
-def _ranked(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cnt, c_max, ids_ptr, bkey_ptr, nmask, n64, N,
-            mrow, MS, SENT, L: tl.constexpr, L_PAD: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
-            NEGATE: tl.constexpr, KEY_FROM_ROW: tl.constexpr):
-    """The merge of a list without buckets where every neuron of the block has at most CB
-    candidates (the common case once the lists have filled), in one pass by ranks: candidate j
-    lands at #(old entries with key <= its key) + #(candidates before it in (key, row) order),
-    and old entry l at l + #(candidates with key < its key), if inside the list. Same order as
+def _ranked(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max, ids_ptr, bkey_ptr,
+            nmask, n64, N, msrc_ptr, MS, stride_ln, lptr, lm, l3, skey, offs_g, SENT,
+            L: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr, NEGATE: tl.constexpr,
+            KEY_FROM_ROW: tl.constexpr, HAS_TAG: tl.constexpr):
+    """The merge where every neuron of the block has at most CB candidates (the common case once
+    the lists have filled), in one pass by ranks: candidate j lands in its list at #(old entries
+    with key <= its key) + #(candidates of that list before it in (key, row) order), and old entry
+    l at l + #(candidates of its list with key < its key), if inside the list. Same order as
     `_sequential`, without its chain of selection steps (each a cross-thread reduction with its
-    barriers): the counts are element-wise sums, and every entry is written once, straight to its
-    slot. Returns what `_sequential` returns."""
-    offs_l = tl.arange(0, L_PAD)
-    lm = nmask[:, None] & (offs_l[None, :] < L)
-    lptr = n64[:, None] * L + offs_l[None, :]
-    if NEGATE:
-        skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
-    else:
-        skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
+    barriers): the counts are element-wise sums over loops that load one candidate (one old key)
+    per neuron per step, so that no tile is [BLOCK_N, CB, L_PAD] (such tiles spilled registers on
+    sm_90), and every entry is written once, straight to its slot. Returns what `_sequential`
+    returns."""
     sid = tl.load(id_ptr + lptr, mask=lm)
     sslot = tl.load(slot_ptr + lptr, mask=lm)
     cc = tl.arange(0, CB)
@@ -610,46 +606,56 @@ def _ranked(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cnt, c_max, i
     cptr = cc[None, :].to(tl.int64) * N + n64[:, None]
     crow = tl.load(cand_row_ptr + cptr, mask=cm, other=1073741824)
     ck = _key_at(cand_key_ptr, cand_row_ptr, bkey_ptr, cptr, cm, SENT, NEGATE, KEY_FROM_ROW)
-    # Counted by loops over the candidates and over the old entries, each loading one key per
-    # neuron (from the cache), so that every tile stays [BLOCK_N, CB] or [BLOCK_N, L_PAD]: the
-    # [BLOCK_N, CB, L_PAD] comparison tiles of a one-shot count spilled registers on sm_90.
-    rank = tl.zeros([BLOCK_N, CB], dtype=tl.int32)  # candidates before candidate j in (key, row) order
-    shift = tl.zeros([BLOCK_N, L_PAD], dtype=tl.int32)  # candidates strictly below old entry l's key
+    if HAS_TAG:
+        ctag = tl.load(cand_tag_ptr + cptr, mask=cm, other=0)
+    else:
+        ctag = tl.zeros([BLOCK_N, CB], dtype=tl.int32)
+    rank = tl.zeros([BLOCK_N, CB], dtype=tl.int32)  # candidates of j's list before j
+    shift = tl.zeros(skey.shape, dtype=tl.int32)  # candidates of l's list strictly below old entry l
     for c in range(0, c_max):
         live = nmask & (cnt > c)
-        kc = _key_at(cand_key_ptr, cand_row_ptr, bkey_ptr, c * N + n64, live, SENT, NEGATE, KEY_FROM_ROW)
-        rc = tl.load(cand_row_ptr + c * N + n64, mask=live, other=1073741824)
-        ahead = live[:, None] & ((kc[:, None] < ck) | ((kc[:, None] == ck) & (rc[:, None] < crow)))
+        at = c * N + n64
+        kc = _key_at(cand_key_ptr, cand_row_ptr, bkey_ptr, at, live, SENT, NEGATE, KEY_FROM_ROW)
+        rc = tl.load(cand_row_ptr + at, mask=live, other=1073741824)
+        if HAS_TAG:
+            tc = tl.load(cand_tag_ptr + at, mask=live, other=0)
+        else:
+            tc = tl.zeros([BLOCK_N], dtype=tl.int32)
+        ahead = (live[:, None] & (tc[:, None] == ctag)
+                 & ((kc[:, None] < ck) | ((kc[:, None] == ck) & (rc[:, None] < crow))))
         rank += ahead.to(tl.int32)
-        shift += (live[:, None] & (kc[:, None] < skey)).to(tl.int32)
-    pos = rank  # + old entries at or below candidate j's key (the old entry wins a tie)
+        mine = live[:, None, None] & (tc[:, None, None] == offs_g[None, :, None])
+        shift += (mine & (kc[:, None, None] < skey)).to(tl.int32)
+    start = n64[:, None] * stride_ln + ctag * L  # [BLOCK_N, CB]: where candidate j's list starts
+    pos = rank  # + the old entries of its list at or below its key (the old entry wins a tie)
     for l in range(0, L):
         if NEGATE:
-            kl = -tl.load(key_ptr + n64 * L + l, mask=nmask, other=float("-inf"))
+            kl = -tl.load(key_ptr + start + l, mask=cm, other=float("-inf"))
         else:
-            kl = tl.load(key_ptr + n64 * L + l, mask=nmask, other=SENT)
-        pos += (kl[:, None] <= ck).to(tl.int32)
+            kl = tl.load(key_ptr + start + l, mask=cm, other=SENT)
+        pos += (kl <= ck).to(tl.int32)
     adm = cm & (pos < L)
-    admitted = tl.sum(adm.to(tl.int32), axis=1)
-    to = offs_l[None, :] + shift
+    in_g = ctag[:, :, None] == offs_g[None, None, :]  # [BLOCK_N, CB, G_PAD]
+    admitted = tl.sum((adm[:, :, None] & in_g).to(tl.int32), axis=1)  # [BLOCK_N, G_PAD]
+    a_j = tl.sum(tl.where(in_g, admitted[:, None, :], 0), axis=2)  # admitted by j's list
+    to = l3 + shift
     move = lm & (shift > 0) & (to < L)
-    pool = tl.minimum(tl.maximum(L - admitted[:, None] + rank, 0), L - 1)
-    cslot = tl.load(slot_ptr + n64[:, None] * L + pool, mask=adm)
+    cslot = tl.load(slot_ptr + start + tl.minimum(tl.maximum(L - a_j + rank, 0), L - 1), mask=adm)
     cid = tl.load(ids_ptr + tl.where(adm, crow, 0), mask=adm)
     if NEGATE:
         skey = -skey
         ck = -ck
     tl.debug_barrier()  # every old key, id and slot read (and the previous list's scratch)
-    tl.store(key_ptr + n64[:, None] * L + to, skey, mask=move)
-    tl.store(id_ptr + n64[:, None] * L + to, sid, mask=move)
-    tl.store(slot_ptr + n64[:, None] * L + to, sslot, mask=move)
-    cpos = n64[:, None] * L + pos
-    tl.store(key_ptr + cpos, ck, mask=adm)
-    tl.store(id_ptr + cpos, cid, mask=adm)
-    tl.store(slot_ptr + cpos, cslot, mask=adm)
-    tl.store(mrow + rank, crow, mask=adm)
-    tl.store(mrow + MS + rank, cslot, mask=adm)
-    return admitted[:, None], tl.max(admitted, axis=0)
+    tl.store(key_ptr + lptr - l3 + to, skey, mask=move)
+    tl.store(id_ptr + lptr - l3 + to, sid, mask=move)
+    tl.store(slot_ptr + lptr - l3 + to, sslot, mask=move)
+    tl.store(key_ptr + start + pos, ck, mask=adm)
+    tl.store(id_ptr + start + pos, cid, mask=adm)
+    tl.store(slot_ptr + start + pos, cslot, mask=adm)
+    mrow = msrc_ptr + n64[:, None] * (2 * MS) + ctag * L + rank
+    tl.store(mrow, crow, mask=adm)
+    tl.store(mrow + MS, cslot, mask=adm)
+    return admitted, tl.max(tl.max(admitted, axis=1), axis=0)
 
 
 @triton.jit
@@ -698,36 +704,22 @@ def _merge_lists(
     offs_g = tl.arange(0, G_PAD)
     gm = nmask[:, None] & (offs_g[None, :] < G)
     mrow = msrc_ptr + n64[:, None] * (2 * MS) + offs_g[None, :] * L  # [BLOCK_N, G_PAD]
-    if HAS_TAG:
-        offs_l = tl.arange(0, L_PAD)
-        l3 = offs_l[None, None, :]
-        lm = gm[:, :, None] & (l3 < L)
-        lptr = n64[:, None, None] * stride_ln + offs_g[None, :, None] * L + l3
-        if NEGATE:
-            skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
-        else:
-            skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
+    offs_l = tl.arange(0, L_PAD)
+    l3 = offs_l[None, None, :]
+    lm = gm[:, :, None] & (l3 < L)
+    lptr = n64[:, None, None] * stride_ln + offs_g[None, :, None] * L + l3
+    if NEGATE:
+        skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
+    else:
+        skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
+    if c_max <= CB:
+        admitted, a_max = _ranked(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max,
+                                  ids_ptr, bkey_ptr, nmask, n64, N, msrc_ptr, MS, stride_ln, lptr, lm, l3, skey,
+                                  offs_g, SENT, L, CB, BLOCK_N, NEGATE, KEY_FROM_ROW, HAS_TAG)
+    else:
         admitted, a_max = _sequential(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt, c_max,
                                       ids_ptr, bkey_ptr, nmask, n64, N, mrow, MS, lptr, lm, l3, skey, offs_g, SENT,
                                       PREV0, L, CB, BLOCK_N, G_PAD, L_PAD, NEGATE, KEY_FROM_ROW, HAS_TAG)
-    else:
-        if c_max <= CB:
-            admitted, a_max = _ranked(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cnt, c_max, ids_ptr, bkey_ptr,
-                                      nmask, n64, N, msrc_ptr + n64[:, None] * (2 * MS), MS, SENT, L, L_PAD, CB,
-                                      BLOCK_N, NEGATE, KEY_FROM_ROW)
-        else:
-            offs_l = tl.arange(0, L_PAD)
-            l3 = offs_l[None, None, :]
-            lm = gm[:, :, None] & (l3 < L)
-            lptr = n64[:, None, None] * stride_ln + offs_g[None, :, None] * L + l3
-            if NEGATE:
-                skey = -tl.load(key_ptr + lptr, mask=lm, other=float("-inf"))
-            else:
-                skey = tl.load(key_ptr + lptr, mask=lm, other=SENT)
-            admitted, a_max = _sequential(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cand_tag_ptr, cnt,
-                                          c_max, ids_ptr, bkey_ptr, nmask, n64, N, mrow, MS, lptr, lm, l3, skey,
-                                          offs_g, SENT, PREV0, L, CB, BLOCK_N, G_PAD, L_PAD, NEGATE, KEY_FROM_ROW,
-                                          HAS_TAG)
     tl.debug_barrier()  # the scratch visible to every thread
 
     offs_t = tl.arange(0, T_PAD)
