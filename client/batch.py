@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.request import Request, guess_kind
+from client.results import json_safe
 
 _URL_KINDS = {"/v1/chat/completions": "chat", "/chat/completions": "chat",
               "/v1/completions": "completion", "/completions": "completion"}
@@ -179,7 +180,9 @@ def write_results(path: str, lines: list[InputLine], responses: dict[str, bytes]
                     else:
                         error = errors.get(key) or {"type": "interrupted", "message": "not finished"}
                         record = {"id": item.id, "error": error}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                # A reply may hold NaN or Infinity (Python's parser takes them); written back as they
+                # came they would make the line invalid JSON for every strict reader: null instead.
+                f.write(json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

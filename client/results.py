@@ -59,14 +59,14 @@ def group_key(explainer: str, simulator: str, prompt_version: str) -> str:
     return readable
 
 
-def _clean(value):
+def json_safe(value):
     """JSON-safe: NaN and infinities become None (undefined), never a number."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -74,7 +74,7 @@ def write_json_atomic(path: Path, obj, durable: bool = True) -> None:
     """Write `obj` to `path` so that no reader and no crash ever sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # two writers never share one
-    data = json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    data = json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -155,3 +155,22 @@ def test_bare_429s_do_not_collapse_throughput(make_server, tmp_path, capsys):
     assert time.monotonic() - t0 < 25
     snap = server.snapshot()
     assert len(snap["served"]) == 20 and max(snap["served"].values()) == 1
+
+
+def test_nan_and_infinity_in_replies_leave_the_results_strict_json(make_server, tmp_path):
+    # Python's parser takes NaN and Infinity in a reply; written back as they came, they would make
+    # the result line unreadable to every strict JSON reader. They come out as null.
+    def responder(kind, body):
+        return {**chat_reply(body, [" x"]), "x_scores": [float("nan"), float("inf"), -float("inf"), 0.5]}
+
+    server = make_server(responder=responder)
+    write_lines(tmp_path / "req.jsonl", ["a", "b"])
+    assert batch(server, tmp_path) == 0
+
+    def strict(constant):
+        raise ValueError(f"{constant} in a result line")
+
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    results = [json.loads(line, parse_constant=strict) for line in lines]
+    assert [r["response"]["x_scores"] for r in results] == [[None, None, None, 0.5]] * 2
+    assert results[0]["response"]["choices"][0]["message"]["content"].strip() == "x"
