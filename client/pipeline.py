@@ -437,10 +437,18 @@ class StageReport:
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     interrupted: bool = False
+    failed_before: int = 0
+    """Of the neurons done already, those whose failure is this stage's (an earlier run's)."""
 
     @property
     def failed(self) -> int:
         return self.outcomes["failed"] + self.outcomes["error"]
+
+    @property
+    def exit_status(self) -> int:
+        """1 when this stage failed for any selected neuron, in this run or an earlier one, else 0: a
+        rerun that has nothing left to send still says that its neurons are not all done well."""
+        return 1 if self.failed or self.failed_before else 0
 
     def text(self, group: res.ResultsGroup) -> str:
         from client.progress import duration
@@ -456,7 +464,11 @@ class StageReport:
         line = (f"{self.stage}: {self.selected:,} neurons selected, {self.todo:,} to do in "
                 f"{duration(self.seconds)}: " + (", ".join(parts) or "nothing done") + ".")
         if self.done_before:
-            line += f" {self.done_before:,} were done already (skipped)."
+            line += f" {self.done_before:,} were done already (skipped)"
+            if self.failed_before:
+                line += (f", {self.failed_before:,} of them failed (`neuronatlas show` gives each error; "
+                         "--retry-failed tries them again)")
+            line += "."
         if self.not_ready:
             before = "explain" if self.stage == "simulate" else "explain and simulate"
             line += f" {self.not_ready:,} are not ready (run {before} on them first)."
@@ -502,9 +514,10 @@ def changed_options(stage: str, rec: dict | None, settings: RunSettings) -> list
 
 
 def _partition(stage: str, selection, group: res.ResultsGroup, settings: RunSettings):
-    """(todo, done, not ready, {neuron: changed options}) of the selected neurons. A finished
-    neuron made with other options is todo with --redo, else listed in the last item."""
-    todo, done, not_ready, changed = [], 0, 0, {}
+    """(todo, done, those of the done that failed at this stage, not ready, {neuron: changed
+    options}) of the selected neurons. A finished neuron made with other options is todo with --redo, else listed in the
+    last item."""
+    todo, done, failed, not_ready, changed = [], 0, 0, 0, {}
     for layer, index in selection:
         rec = group.read(layer, index)
         st = status_for(stage, rec, settings)
@@ -518,9 +531,10 @@ def _partition(stage: str, selection, group: res.ResultsGroup, settings: RunSett
             todo.append((layer, index))
         elif st == "done":
             done += 1
+            failed += (rec or {}).get("status") == "failed" and (rec.get("error") or {}).get("stage") == stage
         else:
             not_ready += 1
-    return todo, done, not_ready, changed
+    return todo, done, failed, not_ready, changed
 
 
 def _estimate(stage: str, store, group, todo, settings: RunSettings, opts, prices) -> sel.Estimate:
@@ -556,7 +570,8 @@ def _estimate(stage: str, store, group, todo, settings: RunSettings, opts, price
 
 
 def run_stage(stage: str, settings: RunSettings, config=None) -> int:
-    """Run one command; returns its exit status (0 ok, 1 some neurons failed, 130 interrupted)."""
+    """Run one command; returns its exit status (0 ok, 1 this stage failed for some selected neuron,
+    in this run or an earlier one, 130 interrupted)."""
     if stage not in STAGES:
         raise ValueError(stage)
     store = open_checked(settings)
@@ -565,14 +580,14 @@ def run_stage(stage: str, settings: RunSettings, config=None) -> int:
     if settings.split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, not {settings.split!r} (train is what the explainer saw; "
                         "calibration fits the calibration line)")
-    todo, done_before, not_ready, changed = _partition(stage, selection, group, settings)
+    todo, done_before, failed_before, not_ready, changed = _partition(stage, selection, group, settings)
     if changed:
         (layer, index), diff = next(iter(changed.items()))
         verb = {"explain": "explained", "simulate": "simulated"}[stage]
         raise UserError(f"{len(changed):,} of the selected neurons were {verb} with other options (neuron "
                         f"{layer}:{index}: {'; '.join(diff)}): rerun with the options they were made with, or pass "
                         f"--redo to {stage} them again with these (their later results are dropped)")
-    report = StageReport(stage, len(selection), len(todo), done_before, not_ready)
+    report = StageReport(stage, len(selection), len(todo), done_before, not_ready, failed_before=failed_before)
     say(f"{stage}: {len(selection):,} neurons selected in {store.path}; {len(todo):,} to do, {done_before:,} done "
         f"already{f', {not_ready:,} not ready' if not_ready else ''}; results group {group.key}")
     if not todo:
@@ -581,7 +596,7 @@ def run_stage(stage: str, settings: RunSettings, config=None) -> int:
             raise UserError(f"none of the {len(selection):,} selected neurons is ready to {stage}: run "
                             f"`neuronatlas {first}` on them first")
         say(report.text(group))
-        return 0
+        return report.exit_status
     if stage == "score":
         return _score_stage(store, group, todo, settings, report)
     return asyncio.run(_network_stage(stage, store, group, todo, settings, config, report))
@@ -619,7 +634,7 @@ def _score_stage(store, group, todo, settings: RunSettings, report: StageReport)
     if undefined:
         say(f"score: {sum(undefined.values()):,} undefined (not zero): "
             + "; ".join(f"{n} x {why}" for why, n in undefined.most_common(3)))
-    return 0
+    return report.exit_status
 
 
 async def _network_stage(stage, store, group, todo, settings: RunSettings, config, report: StageReport) -> int:
@@ -710,7 +725,7 @@ async def _network_stage(stage, store, group, todo, settings: RunSettings, confi
         say(f"{stage}: interrupted: run the same command again to finish; replies already received are in "
             f"{config.store_path} and will not be paid for again")
         return 130
-    return 1 if report.failed else 0
+    return report.exit_status
 
 
 async def _workers(stage: str, ctx: Context, todo, report: StageReport) -> None:

@@ -104,10 +104,15 @@ def test_some_neurons_failing_do_not_stop_the_others(store, fake_server, cli):
 
     with fake_server(explain=explain) as (server, fake):
         rc, _, err = cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))
-    statuses = [open_store(store).explanations(0, i)[0]["status"] for i in range(8)]
-    assert rc == 1 and statuses.count("failed") == len(calls) // 2 >= 1
-    assert statuses.count("explained") == len(calls) - len(calls) // 2
-    assert f"{len(calls) // 2} failed" in err
+        statuses = [open_store(store).explanations(0, i)[0]["status"] for i in range(8)]
+        assert rc == 1 and statuses.count("failed") == len(calls) // 2 >= 1
+        assert statuses.count("explained") == len(calls) - len(calls) // 2
+        assert f"{len(calls) // 2} failed" in err
+        # A rerun has nothing to send, but its neurons are not all done well: still status 1.
+        received = server.snapshot()["received"]
+        rc, _, err = cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))
+        assert server.snapshot()["received"] == received
+        assert rc == 1 and f"{len(calls) // 2} of them failed" in err and "--retry-failed" in err
 
 
 @pytest.mark.parametrize("mode", ["echo", "text"])
@@ -117,7 +122,10 @@ def test_simulated_values_that_do_not_line_up_are_recorded_failures(store, fake_
     with fake_server(simulate="misaligned") as (server, fake):
         rc, _, err = cli("simulate", store, "--sim-mode", mode, *SELECT, *_flags(server))
         assert rc == 1 and "failed" in err
-        assert cli("score", store, *SELECT)[0] == 0
+        received = server.snapshot()["received"]
+        rc, _, err = cli("simulate", store, "--sim-mode", mode, *SELECT, *_flags(server))  # a rerun sends nothing
+        assert rc == 1 and "of them failed" in err and server.snapshot()["received"] == received
+        assert cli("score", store, *SELECT)[0] == 0  # simulate's failures are simulate's to report
         rc, out, _ = cli("top", store)
         assert "no neuron has a defined score" in out
     for i in range(8):
