@@ -429,11 +429,11 @@ class _CheckpointWriter:
             )
 
 
-def _layer_host(state: ref.LayerState) -> dict[str, np.ndarray]:
+def _layer_host(state: ref.LayerState, sample: ref.RandomSample) -> dict[str, np.ndarray]:
     """The state's arrays as stored: per-token activations in rank order, no slot maps."""
     out = {}
     for f in dataclasses.fields(state):
-        v = state.ordered(f.name)
+        v = sample.ordered(state.random_acts) if f.name == "random_acts" else state.ordered(f.name)
         if isinstance(v, torch.Tensor) and f.name not in ref.SLOT_FIELDS:
             out[f.name] = _host(v)
     return out
@@ -786,7 +786,7 @@ def _record_locked(cfg, log, out, t_start, lm, corpus, tokenizer, spec, identity
     def checkpoint(done: int, complete: bool, background: bool = False) -> None:
         nonlocal generation
         generation += 1
-        snapshot = [(_layer_host(s), s.count, s.bounds_ready) for s in states]
+        snapshot = [(_layer_host(s, sample), s.count, s.bounds_ready) for s in states]
         writer.submit(generation, snapshot, _host(sample.ids), done, complete, background)
 
     fused_plan = None

@@ -32,15 +32,16 @@ that a faster implementation can be checked against this one:
   the running (count, mean, M2, M3, M4) with the pairwise update of Pebay (2008). No raw power sums,
   so no catastrophic cancellation. Also the minimum, maximum and number of positive activations.
 
-**Pools.** The per-token activations of the top-K, bottom-K and quantile lists are kept in *pool
-slots*, not in rank order: `top_slot[n, k]` names the slot of `top_acts[n]` that holds the excerpt
-of rank k (`quant_slot[n, q, s]` a slot among bucket q's S). When a batch admits a excerpts to a
-list, its last a entries drop out, and the i-th admitted excerpt (in the list's order) takes the
-slot of the (L - a + i)-th old entry, L the list's length; entries that stay keep their slots. So
-an update writes only the rows it admits and moves none (the Triton kernels would otherwise shift
-up to K rows of T activations per neuron and list, one dependent step after another). `ordered`
-gives the rank-ordered activations, as stored; a state made from stored arrays has every slot in
-rank order (`identity_slots`).
+**Pools.** The per-token activations of the top-K, bottom-K and quantile lists and of the random
+sample are kept in *pool slots*, not in rank order: `top_slot[n, k]` names the slot of
+`top_acts[n]` that holds the excerpt of rank k (`quant_slot[n, q, s]` a slot among bucket q's S;
+`RandomSample.slot[r]`, one map for every neuron and layer, the random sample's). When a batch
+admits a excerpts to a list, its last a entries drop out, and the i-th admitted excerpt (in the
+list's order) takes the slot of the (L - a + i)-th old entry, L the list's length; entries that
+stay keep their slots. So an update writes only the rows it admits and moves none (the Triton
+kernels would otherwise shift up to K rows of T activations per neuron and list, one dependent
+step after another). `LayerState.ordered` and `RandomSample.ordered` give rank order, as stored;
+a state or sample made from stored arrays has every slot in rank order (`identity_slots`).
 """
 
 from __future__ import annotations
@@ -124,12 +125,16 @@ class RandomSample:
     """[R] int64 excerpt ids in (priority, id) order; -1 marks an empty slot."""
     prio: torch.Tensor
     """[R] int64 priorities of those excerpts; INT64_MAX for an empty slot."""
+    slot: torch.Tensor
+    """[R] int32: the pool slot of every layer's `random_acts` that holds rank r (Pools)."""
 
     @classmethod
     def from_ids(cls, spec: ReductionSpec, ids: np.ndarray, device) -> "RandomSample":
-        """The sample holding `ids` (as a checkpoint stores it); priorities are derived from them."""
+        """The sample holding `ids` (as a checkpoint stores it, in rank order); priorities are
+        derived from them."""
         prio = np.where(ids >= 0, priorities(np.maximum(ids, 0), spec.seed, RANDOM_SALT), INT64_MAX)
-        return cls(ids=torch.from_numpy(ids.astype(np.int64)).to(device), prio=torch.from_numpy(prio).to(device))
+        return cls(ids=torch.from_numpy(ids.astype(np.int64)).to(device), prio=torch.from_numpy(prio).to(device),
+                   slot=identity_slots((len(ids),), device))
 
     @classmethod
     def empty(cls, spec: ReductionSpec, device) -> "RandomSample":
@@ -137,7 +142,12 @@ class RandomSample:
         return cls(
             ids=torch.full((R,), -1, dtype=torch.int64, device=device),
             prio=torch.full((R,), INT64_MAX, dtype=torch.int64, device=device),
+            slot=identity_slots((R,), device),
         )
+
+    def ordered(self, random_acts: torch.Tensor) -> torch.Tensor:
+        """A layer's `random_acts` [N, R, T] in rank order (a new tensor)."""
+        return random_acts[:, self.slot.long()]
 
 
 @dataclass
@@ -152,9 +162,9 @@ class Batch:
     """[B] int64 excerpt ids on the device."""
     quant_prio: torch.Tensor
     """[B] int64 quantile-sampling priorities on the device."""
-    random_src: torch.Tensor
-    """[R] int64: slot j of the new random sample comes from slot src of the old one (src < R)
-    or from batch row src - R."""
+    random_rows: torch.Tensor
+    """[R] int64: the batch row that pool slot p of every layer's `random_acts` receives, or -1
+    where the slot keeps its row (the sample's slots move by the rule of Pools)."""
     prefix_rows: int
     """Rows of this batch that belong to the prefix (ids < P)."""
     completes_prefix: bool
@@ -182,7 +192,10 @@ def plan_batch(
     cat_prio = torch.cat([sample.prio, rprio])
     cat_ids = torch.cat([sample.ids, ids])
     order = torch.sort(cat_prio, stable=True).indices[:R]
-    new_sample = RandomSample(ids=cat_ids[order], prio=cat_prio[order])
+    new_slot, adm = _pool_merge(sample.slot, order, R)
+    rows = torch.full((R,), -1, dtype=torch.int64, device=order.device)
+    rows = rows.scatter(0, new_slot.long(), torch.where(adm, order - R, -1))  # new_slot: a permutation
+    new_sample = RandomSample(ids=cat_ids[order], prio=cat_prio[order], slot=new_slot)
     P = spec.quantile_prefix
     prefix_rows = max(0, min(size, P - first_id))
     batch = Batch(
@@ -190,7 +203,7 @@ def plan_batch(
         size=size,
         ids=ids,
         quant_prio=qprio,
-        random_src=order,
+        random_rows=rows,
         prefix_rows=prefix_rows,
         completes_prefix=first_id < P <= first_id + size,
     )
@@ -218,7 +231,8 @@ class LayerState:
     neg_slot: torch.Tensor | None
     """[N, K] int32: the slot of `neg_acts` that holds rank k."""
     random_acts: torch.Tensor
-    """[N, R, T] activations of the run-wide random sample, slot order of `RandomSample`."""
+    """[N, R, T] activations of the run-wide random sample, in the pool slots of `RandomSample.slot`
+    (one map for all layers: `RandomSample.ordered` gives rank order)."""
     prefix_max: torch.Tensor
     """[N, P] float32 maxima of the prefix excerpts (emptied once the prefix is complete)."""
     bounds_ready: bool
@@ -327,15 +341,6 @@ def state_bytes(spec: ReductionSpec, n: int, act_dtype: torch.dtype) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # The update
-
-
-def _gather_rows(old: torch.Tensor, acts_nbt: torch.Tensor, src: torch.Tensor, n_old: int):
-    """Rows of [old | batch] selected by src [N, M] -> [N, M, T] (old [N, n_old, T], acts [N, B, T])."""
-    T = old.shape[-1]
-    from_old = src < n_old
-    a = old.gather(1, src.clamp(max=n_old - 1).unsqueeze(-1).expand(-1, -1, T))
-    b = acts_nbt.gather(1, (src - n_old).clamp(min=0).unsqueeze(-1).expand(-1, -1, T))
-    return torch.where(from_old.unsqueeze(-1), a, b)
 
 
 def _pool_merge(slot: torch.Tensor, src: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,7 +477,9 @@ def update_layer(state: LayerState, spec: ReductionSpec, acts: torch.Tensor, bat
             state.neg_min, state.neg_ids, state.neg_acts, state.neg_slot, emin, batch.ids, acts_nbt,
             descending=False
         )
-    state.random_acts = _gather_rows(state.random_acts, acts_nbt, batch.random_src.unsqueeze(0).expand(N, -1), spec.random_k)
+    new = batch.random_rows >= 0
+    rows = acts_nbt[:, batch.random_rows.clamp(min=0)]  # [N, R, T]
+    state.random_acts = torch.where(new.view(1, -1, 1), rows, state.random_acts)
 
     # Prefix rows only record their maxima; the rest are binned and quantile-sampled.
     p = batch.prefix_rows

@@ -26,9 +26,9 @@ everything that depends on the whole batch happens in a third, small kernel:
   neuron has candidates, merges them into the sorted top-K (bottom-K, per-bucket
   bottom-S) lists in exactly the reference's order and copies the per-token activations of the
   admitted excerpts (a re-read of those rows only) into the pool slots that the dropped entries
-  free (Pools in `kernels.reference`): no kept row moves. It also moves the random sample's slots
-  as `Batch.random_src` says. It resets the candidate counters, so the scratch stays ready for the
-  next layer without a memset.
+  free (Pools in `kernels.reference`): no kept row moves. It also writes the rows that enter the
+  random sample into the pool slots `Batch.random_rows` names. It resets the candidate counters,
+  so the scratch stays ready for the next layer without a memset.
 
 Why the order matches the reference: a stable sort of [state, batch] by (maximum desc) equals the
 order (maximum desc, id asc), because state ids are smaller than batch ids. A batch excerpt whose
@@ -744,28 +744,23 @@ def _merge_lists(
 
 
 @triton.jit
-def _random_slot_read(j, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R: tl.constexpr):
-    """What random-sample slot j receives, [BLOCK_N, T_PAD], and where it changes (slots below
-    the first changed one, negative ones included, never do). Its source is one scalar load."""
-    s = tl.load(rsrc_ptr + tl.maximum(j, 0))
-    st = zeros2 + s
-    mv = m2 & (st != j) & ((zeros2 + j) >= first_r)
-    from_old = st < R
-    a_old = tl.load(ra + st * T, mask=mv & from_old)
-    a_new = tl.load(xt + (st - R) * sxb, mask=mv & (st >= R))
-    return mv, tl.where(from_old, a_old, a_new)
+def _random_row(r, zeros2, m2, xt, sxb):
+    """Batch row r of every neuron of the block ([BLOCK_N, T_PAD] activations) and where it is
+    written: nowhere when r is -1 (the pool slot keeps its row)."""
+    mv = m2 & ((zeros2 + r) >= 0)
+    return mv, tl.load(xt + (zeros2 + r) * sxb, mask=mv)
 
 
 @triton.jit(do_not_specialize=["row_lo", "row_hi", "rows_per_split", "n_splits"])
 def _finish_kernel(
-    x_ptr, sxb, sxt, ids_ptr, bqprio_ptr, rsrc_ptr,
+    x_ptr, sxb, sxt, ids_ptr, bqprio_ptr, rrows_ptr,
     top_max_ptr, top_ids_ptr, top_acts_ptr, top_slot_ptr, neg_min_ptr, neg_ids_ptr, neg_acts_ptr, neg_slot_ptr,
     rand_acts_ptr, qprio_ptr, qids_ptr, qacts_ptr, qslot_ptr, mom_ptr, amin_ptr, amax_ptr, npos_ptr,
     pmom_ptr, pmm_ptr, pint_ptr,
     cnt_ptr, ctop_val_ptr, ctop_row_ptr, cneg_val_ptr, cneg_row_ptr, cq_row_ptr, cq_tag_ptr,
     flag_ptr, msrc_ptr, MS,
     N, T, row_lo, row_hi, rows_per_split, n_splits,
-    K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, Q: tl.constexpr, Q_PAD: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, Q: tl.constexpr, Q_PAD: tl.constexpr,
     S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr, CB: tl.constexpr,
     SB: tl.constexpr, NEG: tl.constexpr, QUANT: tl.constexpr, RANDOM: tl.constexpr,
 ):
@@ -851,32 +846,31 @@ def _finish_kernel(
             tl.store(cnt_ptr + 2 * N + offs_n, 0, mask=nmask)
 
     if RANDOM:
-        # The same slot moves for every neuron: slot j takes old slot src (src <= j) or batch row
-        # src - R. Walking from the last changed slot down, four slots per step (all four read,
-        # a barrier, all four written), reads each old slot before it is overwritten; once the
-        # sample has settled no slot changes and the loop is empty. The lists' moves do the same,
-        # but sharing one Triton function with them doubled their compiled step on sm_90 (top-K:
-        # 411 -> 861 instructions, Triton 3.6), so this stays a loop of its own.
-        offs_r = tl.arange(0, R_PAD)
-        rsrc = tl.load(rsrc_ptr + offs_r, mask=offs_r < R, other=0)
-        changed = (offs_r < R) & (rsrc != offs_r)
-        first_r = tl.min(tl.where(changed, offs_r, R), axis=0)
+        # The rows that enter the random sample go to the pool slots that those leaving it free
+        # (`Batch.random_rows`, the same for every neuron): no row moves, no write depends on
+        # another, so four slots per step have their loads in flight together.
         offs_t = tl.arange(0, T_PAD)
         m2 = nmask[:, None] & (offs_t < T)[None, :]
         ra = rand_acts_ptr + n64[:, None] * (R * T) + offs_t[None, :]
         xt = x_ptr + offs_t[None, :].to(tl.int64) * sxt + n64[:, None]
         zeros2 = tl.zeros([BLOCK_N, T_PAD], dtype=tl.int64)
-        for i in range(0, R - first_r, 4):
-            j = R - 1 - i
-            mv0, a0 = _random_slot_read(j, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R)
-            mv1, a1 = _random_slot_read(j - 1, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R)
-            mv2, a2 = _random_slot_read(j - 2, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R)
-            mv3, a3 = _random_slot_read(j - 3, first_r, rsrc_ptr, zeros2, m2, ra, xt, sxb, T, R)
-            tl.debug_barrier()
-            tl.store(ra + j * T, a0, mask=mv0)
-            tl.store(ra + (j - 1) * T, a1, mask=mv1)
-            tl.store(ra + (j - 2) * T, a2, mask=mv2)
-            tl.store(ra + (j - 3) * T, a3, mask=mv3)
+        for p in range(0, R - 3, 4):
+            r0 = tl.load(rrows_ptr + p)
+            r1 = tl.load(rrows_ptr + p + 1)
+            r2 = tl.load(rrows_ptr + p + 2)
+            r3 = tl.load(rrows_ptr + p + 3)
+            if (r0 >= 0) | (r1 >= 0) | (r2 >= 0) | (r3 >= 0):  # once the sample settles, seldom
+                mv0, a0 = _random_row(r0, zeros2, m2, xt, sxb)
+                mv1, a1 = _random_row(r1, zeros2, m2, xt, sxb)
+                mv2, a2 = _random_row(r2, zeros2, m2, xt, sxb)
+                mv3, a3 = _random_row(r3, zeros2, m2, xt, sxb)
+                tl.store(ra + p * T, a0, mask=mv0)
+                tl.store(ra + (p + 1) * T, a1, mask=mv1)
+                tl.store(ra + (p + 2) * T, a2, mask=mv2)
+                tl.store(ra + (p + 3) * T, a3, mask=mv3)
+        for p in range(R - R % 4, R):
+            mv0, a0 = _random_row(tl.load(rrows_ptr + p), zeros2, m2, xt, sxb)
+            tl.store(ra + p * T, a0, mask=mv0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -987,7 +981,7 @@ def default_config(n: int, rows: int, device: torch.device) -> tuple[int, int, i
     return block_n, -(-rows // splits), TUNING["finish_block_n"]
 
 
-def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, top_slot, neg_min, neg_ids, neg_acts, neg_slot,
+def _launch(acts, ids, bqprio, rrows, top_max, top_ids, top_acts, top_slot, neg_min, neg_ids, neg_acts, neg_slot,
             random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts, quant_slot, hist, hist_range,
             moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi, bounds_ready, do_random,
             block_n=0, rows_per_split=0, finish_block_n=0, fused=None) -> torch.Tensor:
@@ -1048,7 +1042,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, top_slot, neg_m
         num_warps=ewarps,
     )
     _finish_kernel[(triton.cdiv(N, fbn),)](
-        acts, acts.stride(0), acts.stride(1), ids, bqprio, rsrc,
+        acts, acts.stride(0), acts.stride(1), ids, bqprio, rrows,
         top_max, top_ids, top_acts, top_slot,
         neg_min if neg else dummy, neg_ids if neg else dummy, neg_acts if neg else dummy, neg_slot if neg else dummy,
         random_acts, quant_prio, quant_ids, quant_acts, quant_slot, moments, amin, amax, n_positive,
@@ -1056,7 +1050,7 @@ def _launch(acts, ids, bqprio, rsrc, top_max, top_ids, top_acts, top_slot, neg_m
         sc["cnt"], sc["ctop_val"], sc["ctop_row"], sc["cneg_val"], sc["cneg_row"], sc["cq_row"], sc["cq_tag"],
         flag, sc["msrc"], sc["msrc"].shape[1] // 2,
         N, T, row_lo, row_hi, rps, splits,
-        K=K, K_PAD=_pow2(K), R=R, R_PAD=_pow2(R), Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn,
+        K=K, K_PAD=_pow2(K), R=R, Q=Q, Q_PAD=_pow2(Q), S=S, S_PAD=_pow2(S), BLOCK_N=fbn,
         T_PAD=T_PAD, CB=_CB, SB=64,
         NEG=neg, QUANT=quant, RANDOM=bool(do_random) and R > 0,
         num_warps=TUNING["finish_warps"] if acts.is_cuda else 4,
@@ -1074,7 +1068,7 @@ _MUTATED = ("top_max", "top_ids", "top_acts", "top_slot", "neg_min", "neg_ids", 
 
 @torch.library.custom_op("neuronatlas::update_layer_", mutates_args=_MUTATED)
 def update_layer_op(
-    acts: torch.Tensor, ids: torch.Tensor, quant_prio_b: torch.Tensor, random_src: torch.Tensor,
+    acts: torch.Tensor, ids: torch.Tensor, quant_prio_b: torch.Tensor, random_rows: torch.Tensor,
     top_max: torch.Tensor, top_ids: torch.Tensor, top_acts: torch.Tensor, top_slot: torch.Tensor,
     neg_min: Optional[torch.Tensor], neg_ids: Optional[torch.Tensor], neg_acts: Optional[torch.Tensor],
     neg_slot: Optional[torch.Tensor], random_acts: torch.Tensor, prefix_max: torch.Tensor,
@@ -1091,7 +1085,7 @@ def update_layer_op(
     is what lets the op run without a host integer that changes every batch. Returns a 0-d bool:
     whether any activation in those rows was NaN or infinite. The last three arguments override
     the block sizes (0: `default_config`); tests use them to cover odd tilings."""
-    return _launch(acts, ids, quant_prio_b, random_src, top_max, top_ids, top_acts, top_slot, neg_min, neg_ids,
+    return _launch(acts, ids, quant_prio_b, random_rows, top_max, top_ids, top_acts, top_slot, neg_min, neg_ids,
                    neg_acts, neg_slot, random_acts, prefix_max, quant_bounds, quant_prio, quant_ids, quant_acts,
                    quant_slot, hist, hist_range, moments, amin, amax, n_positive, quantile_prefix, row_lo, row_hi,
                    bounds_ready, do_random, block_n, rows_per_split, finish_block_n)
@@ -1105,7 +1099,7 @@ def _(acts, *args, **kwargs):
 @torch.library.custom_op("neuronatlas::activate_update_", mutates_args=("y",) + _MUTATED)
 def activate_update_op(
     pre: torch.Tensor, up: Optional[torch.Tensor], y: torch.Tensor, act: int, skip: int,
-    ids: torch.Tensor, quant_prio_b: torch.Tensor, random_src: torch.Tensor,
+    ids: torch.Tensor, quant_prio_b: torch.Tensor, random_rows: torch.Tensor,
     top_max: torch.Tensor, top_ids: torch.Tensor, top_acts: torch.Tensor, top_slot: torch.Tensor,
     neg_min: Optional[torch.Tensor], neg_ids: Optional[torch.Tensor], neg_acts: Optional[torch.Tensor],
     neg_slot: Optional[torch.Tensor], random_acts: torch.Tensor, prefix_max: torch.Tensor,
@@ -1119,7 +1113,7 @@ def activate_update_op(
     """`update_layer_op` where the activations are produced: writes y = act(pre) (* up) for
     rows [row_lo, row_hi) of [B, skip + T, N] and folds y[:, skip:] into the state, reading pre
     (and up) once. Returns the non-finite flag of the activations."""
-    return _launch(y[:, skip:], ids, quant_prio_b, random_src, top_max, top_ids, top_acts, top_slot, neg_min,
+    return _launch(y[:, skip:], ids, quant_prio_b, random_rows, top_max, top_ids, top_acts, top_slot, neg_min,
                    neg_ids, neg_acts, neg_slot, random_acts, prefix_max, quant_bounds, quant_prio, quant_ids,
                    quant_acts, quant_slot, hist, hist_range, moments, amin, amax, n_positive, quantile_prefix,
                    row_lo, row_hi, bounds_ready, do_random, block_n, rows_per_split, finish_block_n,
@@ -1134,14 +1128,14 @@ def _(pre, *args, **kwargs):
 def _state_args(state: ref.LayerState) -> tuple:
     return (state.top_max, state.top_ids, state.top_acts, state.top_slot, state.neg_min, state.neg_ids,
             state.neg_acts, state.neg_slot, state.random_acts, state.prefix_max, state.quant_bounds,
-            state.quant_prio, state.quant_ids, state.quant_acts, state.quant_slot, state.hist, state.hist_range, state.moments, state.amin, state.amax,
-            state.n_positive)
+            state.quant_prio, state.quant_ids, state.quant_acts, state.quant_slot, state.hist, state.hist_range,
+            state.moments, state.amin, state.amax, state.n_positive)
 
 
 def _op_args(state: ref.LayerState, spec: ref.ReductionSpec, batch: ref.Batch, row_lo: int, row_hi: int,
              bounds_ready: bool, do_random: bool) -> tuple:
     """The op's (and the launcher's) arguments after the activations, in their order."""
-    return (batch.ids, batch.quant_prio, batch.random_src, *_state_args(state), spec.quantile_prefix, row_lo,
+    return (batch.ids, batch.quant_prio, batch.random_rows, *_state_args(state), spec.quantile_prefix, row_lo,
             row_hi, bounds_ready, do_random)
 
 
@@ -1173,8 +1167,8 @@ def _fold(state: ref.LayerState, spec: ref.ReductionSpec, batch: ref.Batch, B: i
 
     A batch that completes the quantile prefix goes in two ranges: rows before the prefix end,
     then the reference's `set_boundaries` (once per run, from the whole prefix), then the rows
-    after it. The random sample, which may take any row of the batch, moves in the last launch,
-    once every row is there (the path that produces the activations writes them as it goes)."""
+    after it. The random sample, which may take any row of the batch, is written in the last
+    launch, once every row is there (the path that produces the activations writes them as it goes)."""
     if state.count != batch.first_id * T:
         raise ValueError(f"the state has seen {state.count} tokens but the batch starts at excerpt "
                          f"{batch.first_id} of {T} tokens: batches must come in order from excerpt 0")
