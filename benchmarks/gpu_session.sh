@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_session.sh diag # where the update's time goes: the three kernels apart
 #                                       # (torch.profiler), with and without candidates, stage ablations,
 #                                       # Nsight Compute on one launch of each, and GPT-2 eager recording
+#   bash benchmarks/gpu_session.sh fused # Nsight Compute on the stream kernel computing tanh-GELU, then
+#                                       # GPT-2 compiled recording with and without it
 #
 # Each step has its own time cap inside the call's DEADLINE (seconds, default 540) and a failed
 # step does not stop the next. Logs and JSON go to $OUT (default benchmarks/out/gpu). Part 1 writes
@@ -118,6 +120,17 @@ elif [ "$part" = diag ]; then
         --variants '' --ablate '' --reps 3 --layers 2 --out "$OUT/ncu_sweep.json"
     bench gpt2_eager 70 --models gpt2 --batch-sizes 256,1024 --modes eager --steps 10 \
         --backends ${BACKENDS:-triton,triton-side,triton-fused}
+elif [ "$part" = fused ]; then
+    # Why the stream kernel that computes tanh-GELU takes 0.475 ms per GPT-2 layer (2026-11-27)
+    # against 0.147 without it: Nsight Compute on two of its launches (the sweep times the plain
+    # update first, 14 stream launches with these arguments, then the fused one), then the two
+    # paths under torch.compile.
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    step ncu_fused 120 "${NCU:-ncu}" --clock-control none --kernel-name regex:'_stream_kernel' --launch-skip 18 \
+        --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SourceCounters --section MemoryWorkloadAnalysis $PY benchmarks/kernel_sweep.py --shapes gpt2 --fresh \
+        --configs 512:4:4:8 --variants '' --ablate '' --reps 3 --layers 2 --out "$OUT/ncu_fused_sweep.json"
+    bench gpt2_compiled 130 --models gpt2 --batch-sizes 1024 --modes compiled --steps 10 --backends triton,triton-fused
 else
     [ -f benchmarks/out/gpt2xl_compiled.done ] || bench gpt2xl_compiled 300 --models gpt2-xl --batch-sizes 256 --modes compiled \
         --steps 5 --backends triton,triton-fused
