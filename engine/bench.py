@@ -69,7 +69,8 @@ class BenchConfig:
     steps: int = 10
     """Timed batches per measurement."""
     warmup: int = 3
-    """Untimed batches after the prefix (and after compilation)."""
+    """Untimed batches after the prefix, beside one that every measurement runs first (a compiled
+    forward pass compiles there: compilation is never timed)."""
     compile_backend: str | None = None
     """torch.compile backend; None: inductor on CUDA, aot_eager on CPU (inductor's C++ build of
     a model takes minutes there; the numbers are then about tracing, not code generation)."""
@@ -98,7 +99,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, random_weig
         models._check_exists(path)
         try:
             config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # OSError, ValueError, and whatever a damaged file makes a parser raise
             raise UserError(f"cannot load the config of '{name}': {models._first_line(exc)}") from None
         display = f"{display} (random weights)"
     arch = models.architecture_for(getattr(config, "model_type", "unknown"))
@@ -150,8 +151,11 @@ def _compiled(base, cfg: BenchConfig, device: torch.device):
     # A fresh compile per measurement: dynamo does not guard on hooks added after compiling, so
     # a reused wrapper would run the graph of an earlier measurement.
     torch._dynamo.reset()
-    backend = cfg.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
-    return torch.compile(base, backend=backend)
+    return torch.compile(base, backend=_backend_name(cfg, device))
+
+
+def _backend_name(cfg: BenchConfig, device: torch.device) -> str:
+    return cfg.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
 
 
 def _spec(cfg: BenchConfig, lm):
@@ -166,6 +170,14 @@ def measure_forward(lm, fwd, pool, device, cfg: BenchConfig) -> tuple[float, int
     B, T = pool[0].shape
     _reset_peak(device)
     with torch.inference_mode():
+        if fwd is not lm.model.base_model:  # compiled: the first call compiles, and may fail
+            try:
+                fwd(input_ids=pool[0], use_cache=False)
+            except Exception as exc:  # a backend that cannot run here (a missing package, a compiler)
+                exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # dynamo's wrapper says little
+                text = str(exc).strip()
+                raise UserError(f"torch.compile with backend {_backend_name(cfg, device)!r} failed: "
+                                f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}") from None
         for i in range(cfg.warmup + 1):
             fwd(input_ids=pool[i % len(pool)], use_cache=False)
         t = _timed(device, lambda i: fwd(input_ids=pool[i % len(pool)], use_cache=False), cfg.steps)
@@ -210,7 +222,9 @@ def measure_recording(lm, backend: str, mode: str, pool, device, dtype, cfg: Ben
 
     try:
         with torch.inference_mode():
-            for i in range(math.ceil(spec.quantile_prefix / B) + cfg.warmup):
+            # The prefix, then warmup + 1 batches, as measure_forward: the batch that completes the
+            # prefix runs outside the graph, so the first compiled call comes after it.
+            for i in range(math.ceil(spec.quantile_prefix / B) + cfg.warmup + 1):
                 step(i)
             t = _timed(device, step, cfg.steps)
     finally:
@@ -308,6 +322,8 @@ FUSED = "triton-fused"
 """The recording backend where each layer's activation step is the kernel (`--fuse-activation`)."""
 SIDE = "triton-side"
 """The triton backend with the updates on a second stream (`--side-stream`; eager only)."""
+BACKENDS = ("torch", "triton", FUSED, SIDE)
+"""What --backends takes."""
 SEPARATE = ("torch", "triton")
 """Backends whose update runs apart from the forward pass, so that it can be timed alone."""
 
@@ -325,6 +341,10 @@ def run(cfg: BenchConfig, log=print) -> dict:
     from engine.models import parse_dtype
     from engine.recorder import check_context, check_options, resolve_device
 
+    # Each batch size, mode and backend is measured once, in the order given.
+    cfg = dataclasses.replace(cfg, batch_sizes=list(dict.fromkeys(cfg.batch_sizes)),
+                              modes=list(dict.fromkeys(cfg.modes)),
+                              backends=None if cfg.backends is None else list(dict.fromkeys(cfg.backends)))
     # The options that record takes too are checked by record's own rules.
     check_options(excerpt_len=cfg.excerpt_len, top_k=cfg.top_k, quantile_prefix=cfg.quantile_prefix)
     if cfg.steps < 1 or cfg.warmup < 0:
@@ -345,10 +365,12 @@ def run(cfg: BenchConfig, log=print) -> dict:
     from kernels import select_update
 
     for b in cfg.backends or []:
+        if b not in BACKENDS:
+            raise UserError(f"unknown backend '{b}': use {', '.join(BACKENDS)}")
         try:
             select_update("triton" if b in (FUSED, SIDE) else b, device)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        except ValueError as exc:  # its advice names record's --backend
+            raise UserError(str(exc).replace("--backend ", "--backends ")) from None
         if b == SIDE and device.type != "cuda":
             raise UserError(f"backend {SIDE} needs a CUDA device, not '{device}'")
     for m in cfg.modes:
@@ -366,6 +388,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         raise UserError(f"backend {FUSED}: {why}")
     el = torch.empty((), dtype=dtype).element_size()
     T = cfg.excerpt_len
+    _check_memory(cfg, lm, dtype, device)
     vocab = int(lm.identity.get("vocab_size") or len(lm.tokenizer))
     out = {"env": environment(device, dtype), "config": dataclasses.asdict(cfg) | {"backends": backends},
            "model": {k: lm.identity.get(k) for k in ("name", "architecture", "n_layers", "n_neurons", "n_parameters")},
@@ -404,6 +427,20 @@ def run(cfg: BenchConfig, log=print) -> dict:
             upd[f"{backend}_GBps"] = act_bytes / (steady / 1e3) / 1e9
         out["updates"].append(upd)
     return out
+
+
+def _check_memory(cfg: BenchConfig, lm, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a batch size whose recording would not fit beside the loaded model (as record
+    does), before anything is allocated for it: the largest one, with its 4 input batches."""
+    from engine.recorder import _fmt_bytes, available_bytes, memory_plan
+
+    B = max(cfg.batch_sizes)
+    plan = memory_plan(_spec(cfg, lm), lm.n_neurons, dtype, 0, 0, B, lm.identity.get("d_model") or 0)
+    need = plan["state"] + plan["batch"] + 4 * B * cfg.excerpt_len * 8
+    avail = available_bytes(device)
+    if need > avail:
+        raise UserError(f"batch {B} needs about {_fmt_bytes(need)} on {device} beside the model but "
+                        f"{_fmt_bytes(avail)} is free; lower --batch-sizes")
 
 
 def _num(x, fmt="{:,.0f}") -> str:

@@ -48,7 +48,7 @@ def register(sub) -> None:
                    "adds no read of the activations (GELU and gated SiLU/GELU MLPs; needs --backend triton)")
     p.add_argument("--side-stream", action="store_true",
                    help="run each layer's update on a second CUDA stream, beside the rest of the forward "
-                   "pass (triton backend, eager, CUDA; not measured on a GPU yet)")
+                   "pass (triton backend, eager, CUDA; on an H200 it gained nothing, benchmarks/RESULTS.md)")
     p.add_argument("--compile", action="store_true",
                    help="run the forward pass through torch.compile (with --backend triton the reductions "
                    "join the compiled graph)")

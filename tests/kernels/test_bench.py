@@ -44,6 +44,43 @@ def test_bench_bad_input(tiny_models, capsys):
     assert "--compile-backend 'nope' is not a torch.compile backend" in err and len(err.strip().splitlines()) == 1
 
 
+def test_bench_one_line_errors_found_by_probing(tiny_models, tmp_path, capsys):
+    """Failures that came as tracebacks or an out-of-memory kill: a damaged GGUF read for its
+    config, a torch.compile backend that is listed but cannot run here, a batch size far beyond
+    memory. Also: bench's own backend names in its messages."""
+    import importlib.util
+    import struct
+
+    gguf = tmp_path / "cut.gguf"  # a GGUF header promising 100 metadata entries, then nothing
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 5, 100) + b"\x05\x00")
+    gpt2 = str(tiny_models["gpt2"])
+    cases = [
+        (["--model", str(gguf), "--random-weights"], "cannot load the config of"),
+        (["--model", gpt2, "--modes", "eager", "--batch-sizes", "100000000"], "lower --batch-sizes"),
+        (["--model", gpt2, "--backends", "auto"], "use torch, triton, triton-fused, triton-side"),
+    ]
+    if importlib.util.find_spec("torch_xla") is None:
+        cases.append((["--model", gpt2, "--modes", "compiled", "--compile-backend", "openxla"],
+                      "torch.compile with backend 'openxla' failed: ImportError"))
+    for extra, fragment in cases:
+        assert main(["bench"] + TINY + extra) == 2, extra
+        captured = capsys.readouterr()
+        lines = [l for l in captured.err.splitlines() if l.startswith("neuronatlas")]
+        assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in captured.err, (extra, captured.err)
+        assert "tok/s" not in captured.out, extra
+
+
+def test_bench_measures_each_size_mode_and_backend_once(tiny_models, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", str(tiny_models["gpt2"]), "--modes", "eager,eager", "--backends", "torch,torch",
+            "--out", str(out)] + TINY + ["--batch-sizes", "3,3"]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["backends"] == ["torch"] and result["config"]["modes"] == ["eager"]
+    assert [(r["batch"], r["mode"]) for r in result["rows"]] == [(3, "eager")] and len(result["updates"]) == 1
+    assert capsys.readouterr().out.count("record torch tok/s") == 1
+
+
 def test_bench_refuses_what_record_refuses_before_measuring(tiny_models, tmp_path, capsys):
     """Values record refuses, an empty mode list and an --out that cannot be written: one line, exit
     2, nothing measured (no table) and nothing written."""
