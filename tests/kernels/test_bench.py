@@ -160,3 +160,45 @@ def test_launch_overhead_runs_anywhere(tmp_path):
     result = json.loads(out.read_text())
     assert result["update_layer_us"] > 0 and result["custom_op_us"] > 0 and result["custom_op_ordinary_state_us"] > 0
     assert "host time per layer call" in r.stdout
+
+
+_COMPILE_EVENTS: list = []  # the test's compile backend stays registered for the process
+
+
+def test_compilation_is_never_timed(tiny_models, monkeypatch, capsys):
+    """Every graph is compiled before a timed loop starts, also with --warmup 0 and a prefix of
+    one batch (whose batch runs outside the graph): compile time once entered the recording's
+    figure and made its ratio 0.001."""
+    import time
+
+    from torch._dynamo import list_backends, register_backend
+
+    from engine import bench
+
+    events = _COMPILE_EVENTS
+    events.clear()
+    if "neuronatlas_counting" not in list_backends(exclude_tags=()):
+        @register_backend
+        def neuronatlas_counting(gm, example_inputs):  # compiles nothing: notes when it is asked to
+            _COMPILE_EVENTS.append(("compile", time.perf_counter()))
+            return gm.forward
+
+    real_timed = bench._timed
+
+    def timed(device, fn, n):
+        events.append(("start", time.perf_counter()))
+        try:
+            return real_timed(device, fn, n)
+        finally:
+            events.append(("end", time.perf_counter()))
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    args = ["bench", "--model", str(tiny_models["gpt2"]), "--modes", "compiled", "--backends", "torch",
+            "--compile-backend", "neuronatlas_counting"] + TINY
+    assert main(args) == 0, capsys.readouterr().err
+    kinds = [k for k, _ in events]
+    assert "compile" in kinds and kinds.count("start") >= 2
+    inside = False
+    for kind, _ in events:
+        inside = {"start": True, "end": False}.get(kind, inside)
+        assert not (kind == "compile" and inside), kinds
