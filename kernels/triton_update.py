@@ -527,10 +527,10 @@ def _sequential(key_ptr, id_ptr, slot_ptr, cand_key_ptr, cand_row_ptr, cand_tag_
                 nmask, n64, N, mrow, MS, lptr, lm, l3, skey, offs_g, SENT, PREV0,
                 L: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, L_PAD: tl.constexpr,
                 NEGATE: tl.constexpr, KEY_FROM_ROW: tl.constexpr, HAS_TAG: tl.constexpr):
-    """The merge one candidate at a time, for lists with buckets and for blocks where some neuron
-    has more than CB candidates (the first batches): the j-th candidate in (key, row) order lands
-    at slot j + #(old entries with key <= its key), min(C, L) steps, each a pass over the
-    candidates. Keys, ids and slots are rewritten as whole tiles (every source read before a
+    """The merge one candidate at a time, for blocks where some neuron has more than CB
+    candidates for a list (the first batches; `_ranked` does the rest): the j-th candidate in
+    (key, row) order lands at slot j + #(old entries with key <= its key), min(C, L) steps, each
+    a pass over the candidates. Keys, ids and slots are rewritten as whole tiles (every source read before a
     barrier, every changed slot written after it); the admitted rows and their pool slots go to
     the scratch (`mrow`: [BLOCK_N, G_PAD] pointers), i-th admitted at i. Returns how many each
     list admitted, [BLOCK_N, G_PAD], and their maximum."""
