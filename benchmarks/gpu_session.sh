@@ -17,8 +17,8 @@
 # step does not stop the next. Logs and JSON go to $OUT (default benchmarks/out/gpu). Part 1 writes
 # the sweep's best launch shape to benchmarks/out/best_tuning (kept on a warm machine between calls)
 # and every benchmark after it runs with that shape (NEURONATLAS_TRITON_TUNING, recorded in the JSON).
-# Packages the GPU image lacks (zarr, numcodecs) come as wheels in .whl
-# (../shared/scripts/py312-wheels.sh), installed to /tmp/site.
+# Packages the GPU image lacks (zarr, numcodecs) come as wheels in .whl (the pinned `pip download`
+# in benchmarks/RESULTS.md, "What the next GPU session should do"), installed to /tmp/site.
 set -u
 part=${1:-1}
 OUT=${OUT:-benchmarks/out/gpu}

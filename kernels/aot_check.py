@@ -155,8 +155,10 @@ def resources(cubin: bytes) -> str:
 def sass_loops(cubin: bytes) -> str:
     """The loops of a cubin's SASS (nvdisasm, in the Triton wheel), in address order, as
     "instructions/global loads/barriers" per loop body, inner loops counted inside their outer
-    ones; then the whole kernel's instructions and barriers ('' without nvdisasm). A static view:
-    what a loop iteration issues, not how long it takes."""
+    ones; then the whole kernel's instructions and barriers ('' without nvdisasm). A loop that
+    stores to global memory gets a fourth number: the global loads issued before its first store
+    (a load after a store is not moved above it, so a loop that stores after each load keeps one
+    load in flight). A static view: what a loop iteration issues, not how long it takes."""
     import re
 
     text = _wheel_tool("nvdisasm", "-c", cubin)
@@ -181,9 +183,11 @@ def sass_loops(cubin: bytes) -> str:
             body = [i for a, i in code if labels[m.group(1)] <= a <= addr]
             loads = sum(bool(re.search(r"\bLDG", i)) for i in body)
             bars = sum("BAR.SYNC" in i for i in body)
-            loops.append((labels[m.group(1)], f"{len(body)}/{loads}/{bars}"))
+            stores = [k for k, i in enumerate(body) if re.search(r"\bSTG", i)]
+            lead = f"/{sum(bool(re.search(r'LDG', i)) for i in body[:stores[0]])}" if stores else ""
+            loops.append((labels[m.group(1)], f"{len(body)}/{loads}/{bars}{lead}"))
     total_bars = sum("BAR.SYNC" in i for _, i in code)
-    return (f"loops (instr/LDG/BAR): {' '.join(v for _, v in sorted(loops))}; "
+    return (f"loops (instr/LDG/BAR[/LDG before the first STG]): {' '.join(v for _, v in sorted(loops))}; "
             f"{len(code)} instructions, {total_bars} barriers")
 
 
