@@ -200,7 +200,7 @@ class Client:
         if problems:
             raise SetupError(problems[0])
         if self.config.store_path:
-            self.store = RequestStore(self.config.store_path, durable=self.config.durable)
+            self.store = RequestStore(self.config.store_path, durable=self.config.durable, exclusive=True)
         await self.transport.open()
         self._last_reply = time.monotonic()
         self._silent_since = None

@@ -143,28 +143,67 @@ def _connect(path: str, durable: bool, check: bool = False) -> sqlite3.Connectio
     return conn
 
 
-class RequestStore:
-    """Completed replies and dead letters of one store file. Async writes, sync reads."""
+def _hold(path: str) -> int:
+    """An exclusive flock on the lock file beside the store (`PATH-lock`, holding the holder's pid),
+    or StoreError when another process, or another open store in this one, holds it. The lock
+    file is left in place (deleting it could split two runs onto two files); the lock goes with
+    the process, however it ends."""
+    import errno
+    import fcntl
 
-    def __init__(self, path: str, durable: bool = True, group_s: float = 0.025):
+    lock = path + "-lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise StoreError(f"the request store {path} is in use by another run"
+                             f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to finish or stop it, "
+                             "or pass another --store (two runs on one store could pay twice for a request)") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+class RequestStore:
+    """Completed replies and dead letters of one store file. Async writes, sync reads.
+
+    With `exclusive` (what a Client that sends requests opens) the store is held for this object's
+    life: a second exclusive open, in this process or another, fails with StoreError. Without it
+    (reading results and dead letters) nothing is held."""
+
+    def __init__(self, path: str, durable: bool = True, group_s: float = 0.025, exclusive: bool = False):
         self.path = path
         self.durable = durable
         self.group_s = group_s
+        self._lock_fd: int | None = None
+        self._read: sqlite3.Connection | None = None
         parent = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(parent, exist_ok=True)
-            self._read = _connect(path, durable, check=True)
-            self._read.executescript(_SCHEMA)
-            row = self._read.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            if row is None:
-                self._read.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise StoreError(f"{path} is a request store of schema {row[0]}, this version reads {SCHEMA_VERSION}: "
-                                 "use a newer neuronatlas or another --store")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path} is not a request store ({exc}): pass another --store") from None
-        except OSError as exc:
-            raise StoreError(f"cannot create the store {path}: {exc.strerror}") from None
+            try:
+                os.makedirs(parent, exist_ok=True)
+                self._read = _connect(path, durable, check=True)
+                if exclusive:  # after the check: nothing is created beside another program's database
+                    self._lock_fd = _hold(path)
+                self._read.executescript(_SCHEMA)
+                row = self._read.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+                if row is None:
+                    self._read.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+                elif row[0] != SCHEMA_VERSION:
+                    raise StoreError(f"{path} is a request store of schema {row[0]}, this version reads "
+                                     f"{SCHEMA_VERSION}: use a newer neuronatlas or another --store")
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{path} is not a request store ({exc}): pass another --store") from None
+            except OSError as exc:
+                raise StoreError(f"cannot create the store {path}: {exc.strerror}") from None
+        except StoreError:
+            if self._read is not None:
+                self._read.close()
+            self._release()
+            raise
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._failed: BaseException | None = None
@@ -335,6 +374,12 @@ class RequestStore:
             self._writer.join()
             self._writer = None
         self._read.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def _resolve(futures, error) -> None:

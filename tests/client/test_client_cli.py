@@ -278,6 +278,24 @@ def test_sigkill_then_rerun_sends_no_completed_request_again(make_server, tmp_pa
     assert f"{len(done_before):,} from the store" in rerun.stderr
 
 
+def test_a_second_batch_on_a_store_in_use_is_refused_and_pays_for_nothing(make_server, tmp_path):
+    server = make_server(latency_ms=40, rpm=6000)
+    write_requests(tmp_path / "req.jsonl", N)
+    store = str(tmp_path / "s.sqlite")
+    proc = start_batch(server, tmp_path)
+    wait_for_stored(store, 20, proc)
+    second = subprocess.run([*neuronatlas(), *batch_args(server, tmp_path, "--store", store, out="out2.jsonl")],
+                            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2  # a user error, as every refused store
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"in use by another run (pid {proc.pid})" in lines[0], second.stderr
+    assert not (tmp_path / "out2.jsonl").exists()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    served = server.snapshot()["served"]
+    assert len(served) == N and set(served.values()) == {1}  # the second run sent nothing
+
+
 def test_ctrl_c_finishes_what_is_in_flight_stores_it_and_says_how_to_resume(make_server, tmp_path):
     server = make_server(latency_ms=40, rpm=6000)
     requests = write_requests(tmp_path / "req.jsonl", N)

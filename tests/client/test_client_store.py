@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
 from client.store import RequestStore, StoreError
+from client_testlib import cli_env
 
 
 async def test_a_reported_write_is_already_committed(store_path):
@@ -84,5 +88,25 @@ def test_refuses_what_is_not_a_store(tmp_path):
         conn.close()
         before = other.read_bytes()
         with pytest.raises(StoreError, match="another program"):
-            RequestStore(str(other))
+            RequestStore(str(other), exclusive=True)
         assert other.read_bytes() == before and not (tmp_path / f"other{n}.sqlite-wal").exists()
+        assert not (tmp_path / f"other{n}.sqlite-lock").exists()  # nothing created beside it
+
+
+def test_an_exclusive_store_is_held_until_closed(store_path):
+    """Two runs sending through one store could both pay for a request neither has stored yet: a
+    sending client holds the store, and a second one is refused (in this process or another)."""
+    first = RequestStore(store_path, exclusive=True)
+    with pytest.raises(StoreError, match=rf"in use by another run \(pid {os.getpid()}\).*--store"):
+        RequestStore(store_path, exclusive=True)
+    reader = RequestStore(store_path)  # reading results and dead letters holds nothing
+    assert reader.counts() == {"results": 0, "dead_letters": 0}
+    reader.close()
+    other = subprocess.run([sys.executable, "-c", "import sys; from client.store import RequestStore, StoreError\n"
+                            "try:\n    RequestStore(sys.argv[1], exclusive=True)\n"
+                            "except StoreError as e:\n    print(e)\n    sys.exit(3)", store_path],
+                           capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert other.returncode == 3 and f"pid {os.getpid()}" in other.stdout, other
+    first.close()
+    second = RequestStore(store_path, exclusive=True)  # free again once closed
+    second.close()
