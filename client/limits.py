@@ -165,7 +165,10 @@ class TokenBucket:
     def take(self, cost: float, now: float) -> None:
         self._refill(now)
         if self.rate != INF:
-            self.level -= cost
+            # No deeper than a minute's budget: a request estimated above it (max_tokens far
+            # beyond any limit, which the server refuses or charges as used) must not hold back
+            # every request after it for hours.
+            self.level = max(self._floor(), self.level - cost)
         self._trim(now)
         self.spent.append((now, cost))
         self.spent_sum += cost

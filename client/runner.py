@@ -39,6 +39,8 @@ PROBE_EVERY_S = 1.0
 """How long one answer to the liveness probe (GET /models) stands for all failures."""
 PROBE_TIMEOUT_S = 5.0
 """How long the probe waits for any reply (never longer than --timeout)."""
+MOST_TOKENS = 10**12
+"""The largest token estimate of one request (see Client._estimate)."""
 
 
 class RunAborted(Exception):
@@ -386,8 +388,10 @@ class Client:
         job.has_budget = budget is not None
         if budget is None:
             budget = self._chat_completion if job.kind == "chat" else 16  # /completions defaults to 16
-        choices = body.get("n") if isinstance(body.get("n"), int) else 1
-        job.completion_est = budget * choices * prompts
+        choices = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
+        # Capped (a max_tokens of 10**400 would overflow the limiter's float arithmetic): far above
+        # any per-minute limit, so such a request still waits for an empty window and goes alone.
+        job.completion_est = float(min(max(budget, 0) * choices * prompts, MOST_TOKENS))
 
     def _learn_usage(self, job: _Job, usage: Usage) -> None:
         if usage.prompt_tokens <= 0:
@@ -407,6 +411,14 @@ class Client:
     # -- dispatch -------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
+        try:
+            await self._dispatch_loop()
+        except Exception as exc:  # a bug must not leave the run waiting forever with nothing in flight
+            what = " ".join(f"{type(exc).__name__}: {exc}".split())
+            self._abort(f"internal error ({what}); finished requests are kept: run the same command again to "
+                        "resume, and please report this")
+
+    async def _dispatch_loop(self) -> None:
         while not self.stopped:
             if not (self._retry or self._fresh):
                 self._ready.clear()
@@ -501,6 +513,11 @@ class Client:
             self.limits.on_trouble(job.sent_at, verdict.retry_after)
         else:
             self.limits.on_other()
+            if 400 <= reply.status < 500:
+                # Refused before anything was generated: the completion budget charged up front
+                # was not spent (a max_tokens far beyond the model's, refused with a 400, must not
+                # hold back the requests after it).
+                self.limits.give_back_tokens(job.completion_est)
         if error.type == "auth":
             self._abort(f"the server refused the request with {reply.status} ({error.message}): "
                         + ("check the API key (OPENAI_API_KEY or --api-key)" if self.config.api_key

@@ -426,6 +426,8 @@ class TestServer:
                                "completion.",
                                code="context_length_exceeded")
         n = body.get("n") if isinstance(body.get("n"), int) else 1
+        if not 1 <= n <= 128:  # as OpenAI's API
+            return self._error(400, f"{n} is not a valid value for 'n': it must be between 1 and 128")
         refused = self._admit(n_prompt + max_tokens * n * len(prompts))
         if refused is not None:
             return refused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -73,6 +74,25 @@ def test_batch_writes_every_line_reports_bad_ones_and_reruns_from_the_store(make
     assert server.snapshot()["received"] == received          # the rerun sent nothing
     assert read_results(tmp_path / "out.jsonl") == results    # and wrote the whole file again
     assert "from the store" in capsys.readouterr().err
+
+
+def test_a_huge_integer_budget_neither_stalls_nor_stops_the_batch(make_server, tmp_path):
+    """max_tokens or n of 10**400 (JSON allows it, Python reads it) once overflowed the limiter's
+    float arithmetic: the dispatcher died and the run waited forever with nothing in flight."""
+    server = make_server(latency_ms=2, tpm=600_000)
+    write_requests(tmp_path / "req.jsonl", 6)
+    with open(tmp_path / "req.jsonl", "a") as f:
+        f.write('{"id": "huge", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1%s}\n' % ("0" * 400))
+        f.write('{"id": "many", "messages": [{"role": "user", "content": "y"}], "max_tokens": 2, "n": 1%s}\n' % ("0" * 400))
+        f.write('{"id": "after", "messages": [{"role": "user", "content": "z"}], "max_tokens": 2}\n')
+    run = subprocess.run([*neuronatlas(), *batch_args(server, tmp_path, "--timeout", "5", "--deadline", "20")],
+                         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60)  # it hung for good
+    assert run.returncode == 1, run.stderr  # the server refuses the huge ones with a 400: a line's error
+    results = {r["id"]: r for r in read_results(tmp_path / "out.jsonl")}
+    assert len(results) == 9 and "response" in results["after"] and all("response" in results[f"q{i}"] for i in range(6))
+    assert results["huge"]["error"]["status"] == 400 and results["many"]["error"]["status"] == 400
+    took = re.search(r"batch: 9 requests in (\d+)s", run.stderr)
+    assert took and int(took.group(1)) < 20, run.stderr  # no minute's pause behind them
 
 
 def test_failures_are_dead_lettered_listed_and_retried(make_server, tmp_path, capsys):
