@@ -439,6 +439,8 @@ class StageReport:
     interrupted: bool = False
     failed_before: int = 0
     """Of the neurons done already, those whose failure is this stage's (an earlier run's)."""
+    failed_earlier: int = 0
+    """Neurons this stage cannot do because an earlier stage failed for them (neither done nor to do)."""
 
     @property
     def failed(self) -> int:
@@ -469,6 +471,9 @@ class StageReport:
                 line += (f", {self.failed_before:,} of them failed (`neuronatlas show` gives each error; "
                          "--retry-failed tries them again)")
             line += "."
+        if self.failed_earlier:
+            line += (f" {self.failed_earlier:,} failed at an earlier stage and cannot be {self.stage}d "
+                     "(`neuronatlas show` gives each error; that stage's --retry-failed tries them again).")
         if self.not_ready:
             before = "explain" if self.stage == "simulate" else "explain and simulate"
             line += f" {self.not_ready:,} are not ready (run {before} on them first)."
@@ -514,13 +519,17 @@ def changed_options(stage: str, rec: dict | None, settings: RunSettings) -> list
 
 
 def _partition(stage: str, selection, group: res.ResultsGroup, settings: RunSettings):
-    """(todo, done, those of the done that failed at this stage, not ready, {neuron: changed
-    options}) of the selected neurons. A finished neuron made with other options is todo with --redo, else listed in the
-    last item."""
-    todo, done, failed, not_ready, changed = [], 0, 0, 0, {}
+    """(todo, done, those of the done that failed at this stage, those that failed at an earlier
+    stage, not ready, {neuron: changed options}) of the selected neurons. A finished neuron made
+    with other options is todo with --redo, else listed in the last item."""
+    todo, done, failed, earlier, not_ready, changed = [], 0, 0, 0, 0, {}
     for layer, index in selection:
         rec = group.read(layer, index)
         st = status_for(stage, rec, settings)
+        if st == "done" and stage != "explain" and rec.get("status") == "failed" and \
+                (rec.get("error") or {}).get("stage") != stage:
+            earlier += 1  # not done: an earlier stage failed for it
+            continue
         if st == "done":
             diff = changed_options(stage, rec, settings)
             if diff and settings.redo:
@@ -534,7 +543,7 @@ def _partition(stage: str, selection, group: res.ResultsGroup, settings: RunSett
             failed += (rec or {}).get("status") == "failed" and (rec.get("error") or {}).get("stage") == stage
         else:
             not_ready += 1
-    return todo, done, failed, not_ready, changed
+    return todo, done, failed, earlier, not_ready, changed
 
 
 def _estimate(stage: str, store, group, todo, settings: RunSettings, opts, prices) -> sel.Estimate:
@@ -580,21 +589,29 @@ def run_stage(stage: str, settings: RunSettings, config=None) -> int:
     if settings.split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, not {settings.split!r} (train is what the explainer saw; "
                         "calibration fits the calibration line)")
-    todo, done_before, failed_before, not_ready, changed = _partition(stage, selection, group, settings)
+    todo, done_before, failed_before, failed_earlier, not_ready, changed = _partition(stage, selection, group, settings)
     if changed:
         (layer, index), diff = next(iter(changed.items()))
         verb = {"explain": "explained", "simulate": "simulated"}[stage]
         raise UserError(f"{len(changed):,} of the selected neurons were {verb} with other options (neuron "
                         f"{layer}:{index}: {'; '.join(diff)}): rerun with the options they were made with, or pass "
                         f"--redo to {stage} them again with these (their later results are dropped)")
-    report = StageReport(stage, len(selection), len(todo), done_before, not_ready, failed_before=failed_before)
+    report = StageReport(stage, len(selection), len(todo), done_before, not_ready, failed_before=failed_before,
+                         failed_earlier=failed_earlier)
     say(f"{stage}: {len(selection):,} neurons selected in {store.path}; {len(todo):,} to do, {done_before:,} done "
-        f"already{f', {not_ready:,} not ready' if not_ready else ''}; results group {group.key}")
+        f"already{f', {failed_earlier:,} failed at an earlier stage' if failed_earlier else ''}"
+        f"{f', {not_ready:,} not ready' if not_ready else ''}; results group {group.key}")
     if not todo:
-        if not_ready and not done_before:
+        if not_ready and not done_before and not failed_earlier:
             first = "explain" if stage == "simulate" else "simulate"
             raise UserError(f"none of the {len(selection):,} selected neurons is ready to {stage}: run "
                             f"`neuronatlas {first}` on them first")
+        if failed_earlier and not done_before:
+            # An earlier stage's failures are that stage's to report (its rerun exits 1); but a run
+            # that can do nothing at all says so, as for neurons not ready.
+            raise UserError(f"none of the {len(selection):,} selected neurons can be {stage}d: {failed_earlier:,} "
+                            f"failed at an earlier stage{f' and {not_ready:,} are not ready' if not_ready else ''} "
+                            "(`neuronatlas show` gives each error; that stage's --retry-failed tries them again)")
         say(report.text(group))
         return report.exit_status
     if stage == "score":
@@ -695,7 +712,7 @@ async def _network_stage(stage, store, group, todo, settings: RunSettings, confi
         say(f"simulate: mode {mode}: {sim.MODE_DESCRIPTIONS[mode]}")
     est = _estimate(stage, store, group, todo, settings, opts, config.prices)
     say(est.text())
-    if settings.max_cost is not None and (est.cost is None or est.cost > settings.max_cost):
+    if settings.max_cost is not None and (est.cost is None or not est.cost <= settings.max_cost):
         raise UserError(f"the estimated cost ({'unknown' if est.cost is None else f'${est.cost:.4f}'}) is above "
                         f"--max-cost ${settings.max_cost:g}: select fewer neurons or raise the limit")
 

@@ -13,6 +13,7 @@ such as gpt-4o-mini-2024-07-18 is priced as gpt-4o-mini).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -90,10 +91,17 @@ class PriceTable:
             if not isinstance(entry, dict) or not {"input", "output"} <= entry.keys():
                 raise ValueError(f'price of {model!r} in {path} needs "input" and "output" (USD per 1M tokens)')
             try:
-                self.prices[model] = Price(float(entry["input"]), float(entry["output"]),
-                                           None if entry.get("cached_input") is None else float(entry["cached_input"]))
-            except (TypeError, ValueError):
+                values = [float(entry["input"]), float(entry["output"]),
+                          None if entry.get("cached_input") is None else float(entry["cached_input"])]
+                if isinstance(entry["input"], bool) or isinstance(entry["output"], bool):
+                    raise TypeError
+            except (TypeError, ValueError, OverflowError):
                 raise ValueError(f"price of {model!r} in {path} must be numbers (USD per 1M tokens)") from None
+            if not all(v is None or (math.isfinite(v) and v >= 0) for v in values):
+                # A NaN or negative price would make every cost, and the --max-cost check, meaningless.
+                raise ValueError(f"price of {model!r} in {path} must be finite and not negative "
+                                 f"(USD per 1M tokens), not {entry}")
+            self.prices[model] = Price(*values)
         self._cache.clear()
 
     def find(self, model: str | None) -> Price | None:

@@ -333,6 +333,17 @@ def test_prices_match_snapshots_and_extend_from_a_file(tmp_path):
     path.write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         table.update_from_file(str(path))
+    # NaN, infinite or negative prices would make every cost and the --max-cost check meaningless
+    # (a NaN estimate passed `cost > limit`); a boolean is not a price.
+    for bad in ('{"m": {"input": NaN, "output": 1}}', '{"m": {"input": 1, "output": -100}}',
+                '{"m": {"input": 1, "output": 2, "cached_input": Infinity}}', '{"m": {"input": 1e400, "output": 1}}'):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="finite and not negative"):
+            table.update_from_file(str(path))
+    path.write_text('{"m": {"input": true, "output": 1}}')
+    with pytest.raises(ValueError, match="must be numbers"):
+        table.update_from_file(str(path))
+    assert table.find("m") is None
     assert Price(1, 2).cost(Usage(10, 20)) == pytest.approx(50 / 1e6)
 
 

@@ -85,8 +85,12 @@ def test_an_empty_or_refusing_explainer_is_a_recorded_failure(store, fake_server
     with fake_server(explain=behaviour) as (server, fake):
         rc, _, err = cli("explain", store, "--explainer-model", "m", "--samples", "2", *SELECT, *_flags(server))
         assert rc == 1 and "8 failed" in err and reason in err
-        rc, _, err = cli("simulate", store, *SELECT, *_flags(server))  # nothing to simulate; nothing sent
-        assert rc == 0 and "8 done already" in err
+        # Nothing to simulate, nothing sent: the neurons are not "done already" (they said so).
+        rc, _, err = cli("simulate", store, *SELECT, *_flags(server))
+        assert rc == 2 and "none of the 8 selected neurons can be simulated: 8 failed at an earlier stage" in err
+        assert "8 done already" not in err and "error: none" in err.strip().splitlines()[-1]
+        rc, _, err = cli("score", store, *SELECT)
+        assert rc == 2 and "none of the 8 selected neurons can be scored: 8 failed at an earlier stage" in err
         assert fake.calls["simulate-completion"] == 0
     s = open_store(store)
     for i in range(8):
@@ -125,7 +129,11 @@ def test_simulated_values_that_do_not_line_up_are_recorded_failures(store, fake_
         received = server.snapshot()["received"]
         rc, _, err = cli("simulate", store, "--sim-mode", mode, *SELECT, *_flags(server))  # a rerun sends nothing
         assert rc == 1 and "of them failed" in err and server.snapshot()["received"] == received
-        assert cli("score", store, *SELECT)[0] == 0  # simulate's failures are simulate's to report
+        # Simulate's failures are simulate's to report (exit 1 there); score names them, and only
+        # when it can do nothing at all (no neuron that never fires either) is that an error.
+        quiet = sum(open_store(store).explanations(0, i)[0]["status"] == "never_fires" for i in range(8))
+        rc, _, err = cli("score", store, *SELECT)
+        assert rc == (0 if quiet else 2) and f"{8 - quiet} failed at an earlier stage" in err
         rc, out, _ = cli("top", store)
         assert "no neuron has a defined score" in out
     for i in range(8):
