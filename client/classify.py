@@ -69,9 +69,12 @@ def _success(kind: str, body: dict, reply: HttpReply) -> Verdict:
         data = json.loads(reply.body)
     except (ValueError, RecursionError) as exc:
         snippet = reply.body[:60].decode("utf-8", "replace")
-        what = "cut short" if reply.body.lstrip().startswith((b"{", b"[")) else "not JSON"
-        return Verdict(error=RequestError("bad_body", f"reply body is {what} ({getattr(exc, 'msg', 'nested too deeply')}): "
-                                          f"{snippet!r}",
+        if isinstance(exc, UnicodeDecodeError):
+            what, why = "not UTF-8", f"byte {reply.body[exc.start:exc.start + 1]!r} at {exc.start}"
+        else:
+            what = "cut short" if reply.body.lstrip().startswith((b"{", b"[")) else "not JSON"
+            why = "nested too deeply" if isinstance(exc, RecursionError) else getattr(exc, "msg", str(exc))
+        return Verdict(error=RequestError("bad_body", f"reply body is {what} ({why}): {snippet!r}",
                                           reply.status, retryable=True))
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
         if isinstance(data, dict) and "error" in data:
@@ -79,6 +82,9 @@ def _success(kind: str, body: dict, reply: HttpReply) -> Verdict:
             return Verdict(error=RequestError("http", server_message(reply.body), reply.status, retryable=True))
         if isinstance(data, dict) and isinstance(data.get("choices"), list):
             what = "an empty 'choices' list"
+        elif isinstance(data, dict) and "choices" in data:
+            value = data["choices"]
+            what = f"'choices' that is {'null' if value is None else type(value).__name__}, not a list"
         else:
             keys = ", ".join(list(data)[:6]) if isinstance(data, dict) else type(data).__name__
             what = f"no 'choices' (it has: {keys})"

@@ -364,8 +364,9 @@ class Limits:
         self.last_429 = self.clock()
         wait = parse_retry_after(headers)
         if wait is None:  # no Retry-After: the reset time of an exhausted limit, if the server says
+            # (a limit whose remaining count is not given may be the exhausted one)
             resets = [parse_duration(headers.get(f"x-ratelimit-reset-{name}")) for name in ("requests", "tokens")
-                      if _int_header(headers, f"x-ratelimit-remaining-{name}") == 0]
+                      if _int_header(headers, f"x-ratelimit-remaining-{name}") in (0, None)]
             wait = max((r for r in resets if r), default=None)
         if not wait or wait <= 0:  # none, or "Retry-After: 0": a pause of nothing would hammer the server
             wait = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (self.consecutive_429 - 1))

@@ -292,6 +292,10 @@ def test_429_pauses_everyone_and_halves_the_cap_once_per_round_trip():
     limits.on_429({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "2.5s",
                    "x-ratelimit-remaining-requests": "10", "x-ratelimit-reset-requests": "9s"}, sent_at=160.5)
     assert limits.paused_for() == pytest.approx(2.5)           # the exhausted limit's reset
+    clock[0] += 60.0
+    limits.on_429({"x-ratelimit-reset-requests": "3s", "x-ratelimit-remaining-tokens": "500",
+                   "x-ratelimit-reset-tokens": "7s"}, sent_at=220.5)
+    assert limits.paused_for() == pytest.approx(3.0)           # a reset whose remaining count is not given
 
 
 def test_random_faults_do_not_shrink_the_cap_but_an_overload_does():
@@ -387,6 +391,10 @@ def test_bodies_that_are_not_replies():
     assert other.error.type == "not_openai" and not other.error.retryable and "result" in other.error.message
     wrapped = classify("chat", CHAT, reply(200, {"error": {"message": "upstream timed out"}}))
     assert wrapped.error.retryable and wrapped.error.message == "upstream timed out"
+    latin = classify("chat", CHAT, reply(200, good.replace(b'"chat.completion"', b'"chat.completi\xf3n"')))
+    assert latin.error.type == "bad_body" and "not UTF-8 (byte b'\\xf3'" in latin.error.message
+    null = classify("chat", CHAT, reply(200, {"id": "x", "choices": None}))
+    assert null.error.type == "not_openai" and "'choices' that is null, not a list" in null.error.message
 
 
 def test_missing_logprobs_fail_at_once():
