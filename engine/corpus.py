@@ -72,15 +72,18 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                where = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg  # "Invalid control character at"
+                raise UserError(f"{path}:{lineno}: not valid JSON ({where} at column {exc.colno})") from None
             if not isinstance(obj, dict) or field not in obj:
                 raise UserError(f"{path}:{lineno}: no text field '{field}' (set --text-field)")
             text = obj[field]
             if text is None:  # a missing value, as Parquet's nulls: no document
                 continue
-            if isinstance(text, (dict, list)):
-                raise UserError(f"{path}:{lineno}: field '{field}' holds a JSON {type(text).__name__}, not text")
-            yield text if isinstance(text, str) else str(text)  # numbers as Parquet's are: their text
+            if not isinstance(text, str):
+                kind = {bool: "boolean", int: "number", float: "number"}.get(type(text), type(text).__name__)
+                raise UserError(f"{path}:{lineno}: field '{field}' holds a JSON {kind} ({json.dumps(text)[:40]}), "
+                                "not text (set --text-field)")
+            yield text
 
 
 def _parquet_docs(path: Path, field: str) -> Iterator[str]:
@@ -101,10 +104,11 @@ def _parquet_docs(path: Path, field: str) -> Iterator[str]:
                 continue
             if isinstance(v, (bytes, bytearray)):  # a binary column: UTF-8, bad bytes replaced (as .txt)
                 yield bytes(v).decode("utf-8", errors="replace")
-            elif isinstance(v, (list, dict, tuple)):
-                raise UserError(f"{path}: column '{field}' holds {type(v).__name__}s, not text (set --text-field)")
+            elif isinstance(v, str):
+                yield v
             else:
-                yield str(v)  # strings; numbers as their text
+                raise UserError(f"{path}: column '{field}' holds {type(v).__name__} values "
+                                f"({pf.schema_arrow.field(field).type}), not text (set --text-field)")
 
 
 def _hf_docs(name: str, field: str) -> Iterator[str]:
@@ -121,7 +125,20 @@ def _hf_docs(name: str, field: str) -> Iterator[str]:
     for row in ds:
         if field not in row:
             raise UserError(f"dataset '{ds_name}' has no field '{field}' (set --text-field)")
-        yield str(row[field])
+        value = row[field]
+        if value is None:  # a missing value: no document
+            continue
+        if not isinstance(value, str):
+            raise UserError(f"dataset '{ds_name}': field '{field}' holds {type(value).__name__} values, not text "
+                            "(set --text-field)")
+        yield value
+
+
+def _read_txt(path: Path) -> str:
+    """A .txt document as its bytes say: UTF-8 (a BOM dropped, bad bytes replaced by U+FFFD), line
+    endings as they are (\r\n stays \r\n, as in .jsonl text; Python's default would make it \n)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        return f.read()
 
 
 def documents(source: str, text_field: str = "text") -> tuple[Iterator[str], dict]:
@@ -145,10 +162,10 @@ def documents(source: str, text_field: str = "text") -> tuple[Iterator[str], dic
         files = sorted(f for f in path.glob("*.txt") if f.is_file())
         if not files:
             raise UserError(f"corpus directory '{source}' holds no .txt files")
-        return (f.read_text(encoding="utf-8-sig", errors="replace") for f in files), {**desc, "format": "txt-dir", "files": len(files)}
+        return (_read_txt(f) for f in files), {**desc, "format": "txt-dir", "files": len(files)}
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return iter([path.read_text(encoding="utf-8-sig", errors="replace")]), {**desc, "format": "txt"}
+        return iter([_read_txt(path)]), {**desc, "format": "txt"}
     if suffix == ".jsonl":
         return _jsonl_docs(path, text_field), {**desc, "format": "jsonl", "text_field": text_field}
     if suffix == ".parquet":
@@ -213,7 +230,11 @@ def load_corpus(source: str, tokenizer, excerpt_len: int, max_excerpts: int | No
         # never the separator or a chat-template token forged by the corpus.
         # A lone surrogate is no character a tokenizer takes: U+FFFD in its place, as for bytes
         # that are not UTF-8 (any format can carry one: JSON escapes, datasets, parquet strings).
-        group = [LONE_SURROGATE.sub("\ufffd", doc) for doc in group]
+        # A document of white space only holds no text: skipped in every format (as blank .jsonl
+        # lines are), so that a corpus of nothing else is empty.
+        group = [LONE_SURROGATE.sub("\ufffd", doc) for doc in group if doc and not doc.isspace()]
+        if not group:
+            continue
         ids = tokenizer(group, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         for doc in ids:
             if not doc:

@@ -149,6 +149,34 @@ def _check_exists(path: str) -> None:
         raise UserError(f"model path '{path}' does not exist")
 
 
+def _check_hub(name: str, path: str, filename: str | None, revision: str | None) -> None:
+    """For a hub id not in the local cache: fail at once, in one line, when the hub cannot be
+    reached (huggingface_hub would retry for most of a minute and print each retry). A cached
+    model, a local path, or HF_HUB_OFFLINE=1 (which transformers obeys itself) pass untouched."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # transformers needs it; nothing to check without it
+        return
+    if Path(path).exists() or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        if isinstance(try_to_load_from_cache(path, filename or "config.json", revision=revision), str):
+            return
+    except Exception:  # noqa: BLE001 - not a valid repo id: from_pretrained says so itself
+        return
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"unknown model '{name}': no such local path, not in the Hugging Face cache, and the hub "
+                        f"({host}) cannot be reached ({exc.strerror or exc}); give a local directory or .gguf "
+                        "file, or download it where there is a network") from None
+
+
 def parse_dtype(name: str, device: torch.device) -> torch.dtype:
     table = {
         "float32": torch.float32, "fp32": torch.float32,
@@ -167,6 +195,7 @@ def load_tokenizer(name: str, revision: str | None = None):
 
     path, gguf, _ = _resolve(name)
     _check_exists(path)
+    _check_hub(name, path, gguf, revision)
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, **kw)
@@ -191,6 +220,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: st
 
     path, gguf, display = _resolve(name)
     _check_exists(path)
+    _check_hub(name, path, gguf, revision)
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, **kw)

@@ -44,6 +44,26 @@ def test_unknown_model(capsys, tmp_path, corpus_file):
     assert not (tmp_path / "s").exists(), "nothing is created for a run that cannot start"
 
 
+def test_a_hub_id_without_a_network_fails_at_once(capsys, tmp_path, corpus_file, monkeypatch):
+    """Not cached and the hub unreachable: one line, without huggingface_hub's minute of retries."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    line = expect_error(capsys, "unknown model 'nobody/no-such-model': no such local path, not in the Hugging Face "
+                        "cache, and the hub (127.0.0.1) cannot be reached", "--model", "nobody/no-such-model",
+                        "--corpus", corpus_file, "--out", tmp_path / "s")
+    assert time.monotonic() - start < 20, line
+    assert not (tmp_path / "s").exists()
+
+
 def test_unsupported_architecture(capsys, tmp_path, corpus_file):
     from transformers import AutoModelForCausalLM, MambaConfig, MixtralConfig
 
@@ -242,7 +262,18 @@ def test_unusable_corpora_and_tokenizers(capsys, tmp_path, tiny_models):
     (tmp_path / "fake.parquet").write_text("not parquet at all")
     expect_error(capsys, "not a readable Parquet file", *common, "--corpus", tmp_path / "fake.parquet")
     (tmp_path / "nested.jsonl").write_text('{"text": {"a": 1}}\n')
-    expect_error(capsys, "holds a JSON dict, not text", *common, "--corpus", tmp_path / "nested.jsonl")
+    expect_error(capsys, "nested.jsonl:1: field 'text' holds a JSON dict", *common, "--corpus", tmp_path / "nested.jsonl")
+    # Numbers and booleans are not documents either (they read as "5", "True", "nan" before).
+    for n, value in enumerate(["true", "5", "NaN"]):
+        (tmp_path / f"v{n}.jsonl").write_text('{"text": "the cat sat on the mat"}\n{"text": %s}\n' % value)
+        expect_error(capsys, f"v{n}.jsonl:2: field 'text' holds a JSON", *common, "--corpus", tmp_path / f"v{n}.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"text": "the cat"}\n{"text": "a\tb\u0001 \x01"}\n')
+    expect_error(capsys, "bad.jsonl:2: not valid JSON (Invalid control character at column", *common,
+                 "--corpus", tmp_path / "bad.jsonl")
+    # White space only is no text, as blank .jsonl lines are none.
+    (tmp_path / "ws.txt").write_text("   \n\n\t  \n")
+    expect_error(capsys, "is empty", *common, "--corpus", tmp_path / "ws.txt")
+    assert not (tmp_path / "s").exists()
     # Null texts are missing documents (as Parquet's nulls), never the word "None".
     (tmp_path / "nulls.jsonl").write_text('{"text": null}\n' * 3)
     expect_error(capsys, "is empty", *common, "--corpus", tmp_path / "nulls.jsonl")

@@ -132,8 +132,23 @@ def test_corpus_text_python_reads_but_a_tokenizer_should_not_get(tok, tmp_path):
     np.testing.assert_array_equal(load_corpus(str(tmp_path / "bin.parquet"), tok, 2).tokens,
                                   load_corpus(str(tmp_path / "str.parquet"), tok, 2).tokens)
     pq.write_table(pa.table({"text": [["the cat", "sat"]]}), tmp_path / "list.parquet")
-    with pytest.raises(UserError, match="holds lists, not text"):
+    with pytest.raises(UserError, match="holds list values .*, not text"):
         load_corpus(str(tmp_path / "list.parquet"), tok, 2)
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "int.parquet")  # the wrong column, surely
+    with pytest.raises(UserError, match=r"holds int values \(int64\), not text"):
+        load_corpus(str(tmp_path / "int.parquet"), tok, 1)
+    # A .txt document keeps its line endings, as .jsonl text does.
+    (tmp_path / "crlf.txt").write_bytes(b"the cat\r\nsat on\rthe mat\n")
+    (tmp_path / "crlf.jsonl").write_text(json.dumps({"text": "the cat\r\nsat on\rthe mat\n"}) + "\n")
+    ids = load_corpus(str(tmp_path / "crlf.txt"), tok, 1).tokens.ravel()
+    np.testing.assert_array_equal(ids, load_corpus(str(tmp_path / "crlf.jsonl"), tok, 1).tokens.ravel())
+    assert tok.decode(ids.tolist()) == "the cat\r\nsat on\rthe mat\n"
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_bytes(b"the cat\r\nsat")
+    (tmp_path / "dir" / "b.txt").write_bytes(b" \r\n ")  # white space only: no document, no separator
+    (tmp_path / "dir" / "c.txt").write_bytes(b"on the mat")
+    ids = load_corpus(str(tmp_path / "dir"), tok, 1).tokens.ravel().tolist()
+    assert ids.count(tok.eos_token_id) == 1 and "the cat\r\nsat" in tok.decode(ids)
     (tmp_path / "s.jsonl").write_text('{"text": "the cat \\ud800 sat on the mat"}\n')
     (tmp_path / "r.jsonl").write_text('{"text": "the cat \\ufffd sat on the mat"}\n')
     np.testing.assert_array_equal(load_corpus(str(tmp_path / "s.jsonl"), tok, 2).tokens,
