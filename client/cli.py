@@ -152,6 +152,7 @@ async def _run(config, requests, args, label: str, models: set[str]):
 
     # SIGTERM as Ctrl-C, from the start (the server check included)
     signals = [signal.SIGINT, signal.SIGTERM] if threading.current_thread() is threading.main_thread() else []
+    before = {sig: signal.getsignal(sig) for sig in signals}  # asyncio's removal would leave SIG_DFL
     for sig in signals:
         loop.add_signal_handler(sig, on_signal)
     try:
@@ -188,6 +189,8 @@ async def _run(config, requests, args, label: str, models: set[str]):
             progress.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
+            if before[sig] is not None:
+                signal.signal(sig, before[sig])
         await client.aclose()
     return client, time.monotonic() - start, aborted, interrupted
 

@@ -764,6 +764,7 @@ async def _workers(stage: str, ctx: Context, todo, report: StageReport) -> None:
             client.stop(cancel_in_flight=True)
 
     signals = [signal.SIGINT, signal.SIGTERM] if threading.current_thread() is threading.main_thread() else []
+    before = {sig: signal.getsignal(sig) for sig in signals}  # asyncio's removal would leave SIG_DFL
     for sig in signals:
         loop.add_signal_handler(sig, on_signal)
     items = iter(todo)
@@ -794,3 +795,5 @@ async def _workers(stage: str, ctx: Context, todo, report: StageReport) -> None:
         progress.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
+            if before[sig] is not None:
+                signal.signal(sig, before[sig])

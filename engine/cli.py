@@ -30,8 +30,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_command(args) -> int:
-    """Run a parsed command: a UserError is one line and exit 2, Ctrl-C exit 130."""
+    """Run a parsed command: a UserError is one line and exit 2, Ctrl-C exit 130. SIGTERM is Ctrl-C
+    wherever a command has not made its own arrangements (recording and sending requests have), so
+    that a command stopped by `kill` or a job scheduler says so and cleans up as for Ctrl-C, rather
+    than vanishing without a word."""
+    import signal
+    import threading
+
+    old = None
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+        old = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run(args) -> int:
     try:
         rc = args.func(args)
     except UserError as exc:

@@ -217,7 +217,7 @@ class _Interrupt:
     def __enter__(self):
         if os.name == "posix" and _is_main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
-            signal.signal(signal.SIGTERM, self._handle)
+            self._old_term = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -234,7 +234,7 @@ class _Interrupt:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, self._old_term)
 
 
 def _is_main_thread() -> bool:

@@ -4,6 +4,7 @@ recorded per neuron as failures with their reason, the run goes on, and no score
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import zarr
@@ -206,3 +207,33 @@ def test_results_copied_from_another_recording_are_refused(store, tmp_path, fake
         _one_error_line(*cli("simulate", other, "--explainer-model", "m", "--simulator-model", "m", *SELECT,
                              *_flags(server))[::2], "results made from another recording")
     assert cli("top", store)[0] == 0  # in their own store they still read
+
+
+def test_sigterm_during_the_server_check_says_so_and_writes_nothing(store):
+    """A server that accepts and never answers keeps `explain` in its server check; SIGTERM there
+    (a job scheduler's stop) is Ctrl-C: exit 130 with a message, not a silent death by signal."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(60)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "explain", str(store), "--explainer-model", "m",
+                                 "--base-url", url, "--api-key", "k", "--progress", "off", *SELECT],
+                                env=dict(os.environ, PYTHONPATH=str(root)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        conn, _ = listener.accept()  # the check has connected and waits for its reply
+        try:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            conn.close()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (store / "explanations" / "m__m__v1" / "neurons").exists()
