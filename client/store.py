@@ -160,8 +160,9 @@ def _hold(path: str) -> int:
         os.close(fd)
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             raise StoreError(f"the request store {path} is in use by another run"
-                             f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to finish or stop it, "
-                             "or pass another --store (two runs on one store could pay twice for a request)") from None
+                             f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to finish or stop it, or give "
+                             "this run another store (batch: --store; explain, simulate: --requests); two runs on "
+                             "one store could pay twice for a request") from None
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)

@@ -39,9 +39,17 @@ def test_kernels_compile_for_sm90():
     # What the split into stream and excerpt kernels is for: no barrier (shared-memory layout
     # conversion) inside their loops, and a stream kernel on stored activations small enough for
     # four programs of 128 threads per SM (65,536 registers).
+    # Entries are instructions/loads/barriers[/loads before the loop's first store].
     for line in stream + excerpt:
-        per_loop = loops[line].split(":")[1].split(";")[0].split()
-        assert per_loop and all(entry.endswith("/0") for entry in per_loop), (line, loops[line])
+        per_loop = [entry.split("/") for entry in loops[line].split(": ")[1].split(";")[0].split()]
+        assert per_loop and all(entry[2] == "0" for entry in per_loop), (line, loops[line])
+    # The stream kernel issues all the loads of a loop iteration before its first store: with an
+    # activation to compute, storing each token before loading the next kept one load in flight
+    # (the compiler does not move a load above a store that may alias it).
+    for line in stream:
+        per_loop = [entry.split("/") for entry in loops[line].split(": ")[1].split(";")[0].split()]
+        assert all(entry[3] == entry[1] for entry in per_loop if len(entry) == 4), (line, loops[line])
+        assert "ACT=0" in line or any(len(entry) == 4 and int(entry[1]) >= 8 for entry in per_loop), loops[line]
     for line in stream:
         if "ACT=0" in line:
             assert int(line.split("REG:")[1].split()[0]) <= 128, line
