@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -262,3 +263,61 @@ def one_snapshot(store, label: str):
         print(f"{label}: warning: the recording committed a new checkpoint while this ran: neurons come from "
               "different checkpoints (each one whole); run it again once the recording has finished for one "
               "snapshot", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories replaced whole
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove the staging and retired directories of runs that died (their pid is gone)."""
+    for d in out.parent.glob(f".{out.name}.*-[0-9]*"):
+        kind, _, pid = d.name.rpartition("-")
+        if not (kind.endswith(".building") or kind.endswith(".old")) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass  # a live process (perhaps another user's): left alone
+
+
+@contextmanager
+def staged_output(out: Path, marker: str, what: str):
+    """Yield a fresh directory beside `out` to build a whole output in (an atlas, an export). On
+    success it replaces `out` (the old one is renamed away, then deleted); on any failure it is
+    deleted and `out` stays as it was. A run that fails halfway thus never leaves a half-written
+    output, nor a marker that describes another one. `out` must be new, empty, or an output of the
+    same kind (it holds `marker`)."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out '{out}' is a file, not a directory")
+        if any(out.iterdir()) and not (out / marker).is_file():
+            raise UserError(f"--out '{out}' is a non-empty directory that is not a neuronatlas {what}; "
+                            "choose a new or empty directory")
+    stage = out.parent / f".{out.name}.building-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(out)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+    except OSError as exc:
+        raise UserError(f"cannot write to '{out}': {exc.strerror or exc}") from None
+    try:
+        yield stage
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(f"cannot write to '{out}': {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

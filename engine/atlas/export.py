@@ -120,21 +120,6 @@ def _export_one(store, layer: int, index: int, out: str) -> tuple[bool, bool]:
     return True, expl is not None
 
 
-def _prepare_export(out: Path) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out '{out}' is a file, not a directory")
-        if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
-            raise UserError(f"--out '{out}' is a non-empty directory that is not a neuronatlas export; "
-                            "choose a new or empty directory")
-        for sub in ("collated-activations", "explanations"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write to '{out}': {exc.strerror or exc}") from None
-
-
 def export_openai(store, out: Path, layers: list[int] | None = None, jobs: int | None = None,
                   progress: bool = True) -> str:
     """Write `store` in OpenAI's published layout under `out`; returns a summary paragraph."""
@@ -143,24 +128,26 @@ def export_openai(store, out: Path, layers: list[int] | None = None, jobs: int |
     if not store.progress.get("checkpoint"):
         raise UserError(f"store '{store.path}' holds no checkpoint yet: the recording has not reached its first one")
     data.refuse_foreign_results(store)  # before the old export is replaced
-    _prepare_export(out)
     layers = list(range(store.n_layers)) if layers is None else layers
     items = [(layer, i) for layer in layers for i in range(store.n_neurons[layer])]
     jobs = data.default_jobs(len(items)) if jobs is None else max(1, jobs)
-    update, close = data.progress_bar(len(items), "export", progress)
-    try:
-        res = data.map_neurons(store, items, _export_one, str(out), jobs, update)
-    finally:
-        close()
-    written = sum(1 for w, _ in res if w)
-    expl = sum(1 for _, e in res if e)
-    (out / EXPORT_MARKER).write_text(json.dumps({
-        "written_by": "neuronatlas export", "format": "openai", "store": str(store.path.resolve()),
-        "model": store.run["model"].get("name"), "neurons": written, "explanations": expl,
-        "layers": layers, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "omitted": "most_negative_activation_records and per-neuron statistics beyond the moments "
-                   "(min, max, density, histogram) have no field in a published NeuronRecord",
-    }, indent=2) + "\n")
+    # Built beside --out and swapped in whole: a run that fails halfway (a damaged chunk) leaves the
+    # previous export as it was.
+    with data.staged_output(out, EXPORT_MARKER, "export") as stage:
+        update, close = data.progress_bar(len(items), "export", progress)
+        try:
+            res = data.map_neurons(store, items, _export_one, str(stage), jobs, update)
+        finally:
+            close()
+        written = sum(1 for w, _ in res if w)
+        expl = sum(1 for _, e in res if e)
+        (stage / EXPORT_MARKER).write_text(json.dumps({
+            "written_by": "neuronatlas export", "format": "openai", "store": str(store.path.resolve()),
+            "model": store.run["model"].get("name"), "neurons": written, "explanations": expl,
+            "layers": layers, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "omitted": "most_negative_activation_records and per-neuron statistics beyond the moments "
+                       "(min, max, density, histogram) have no field in a published NeuronRecord",
+        }, indent=2) + "\n")
     secs = time.perf_counter() - t0
     skipped = len(items) - written
     incomplete = "" if store.complete else " The recording is incomplete: this is its last checkpoint."

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -126,21 +125,6 @@ def _write_neuron(store, layer: int, index: int, arg) -> tuple:
     return (payload["absent"], best.score if best else None, best.text if best else None, len(expls))
 
 
-def _prepare(out: Path) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out '{out}' is a file, not a directory")
-        if any(out.iterdir()) and not (out / MARKER).is_file():
-            raise UserError(f"--out '{out}' is a non-empty directory that is not a neuronatlas atlas; "
-                            "choose a new or empty directory")
-        shutil.rmtree(out / "data", ignore_errors=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MARKER).write_text("written by neuronatlas view; the directory is replaced when it runs again\n")
-    except OSError as exc:
-        raise UserError(f"cannot write to '{out}': {exc.strerror or exc}") from None
-
-
 def _median(values) -> float | None:
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     return float(np.median(v)) if len(v) else None
@@ -156,72 +140,76 @@ def build(store, out: Path, layers: list[int] | None = None, limits: dict | None
     if not store.progress.get("checkpoint"):
         raise UserError(f"store '{store.path}' holds no checkpoint yet: the recording has not reached its first one")
     data.refuse_foreign_results(store)  # before the old atlas is replaced
-    _prepare(out)
     items = [(layer, i) for layer in layers for i in range(store.n_neurons[layer])]
-    jobs = data.default_jobs(len(items)) if jobs is None else max(1, jobs)
-    update, close = data.progress_bar(len(items), "view", progress)
-    try:
-        results = data.map_neurons(store, items, _write_neuron, (str(out), limits), jobs, update)
-    finally:
-        close()
-    by_layer: dict[int, list] = {layer: [] for layer in layers}
-    for (layer, _), res in zip(items, results):
-        by_layer[layer].append(res)
+    final = out
+    # Built beside --out and swapped in whole: a run that fails halfway (a damaged chunk) leaves the
+    # previous atlas as it was.
+    with data.staged_output(final, MARKER, "atlas") as out:
+        (out / MARKER).write_text("written by neuronatlas view; the directory is replaced when it runs again\n")
+        jobs = data.default_jobs(len(items)) if jobs is None else max(1, jobs)
+        update, close = data.progress_bar(len(items), "view", progress)
+        try:
+            results = data.map_neurons(store, items, _write_neuron, (str(out), limits), jobs, update)
+        finally:
+            close()
+        by_layer: dict[int, list] = {layer: [] for layer in layers}
+        for (layer, _), res in zip(items, results):
+            by_layer[layer].append(res)
 
-    layer_rows, explained_total, pages = [], 0, 0
-    for layer in range(store.n_layers):
-        n = store.n_neurons[layer]
-        if layer not in by_layer:
-            layer_rows.append({"layer": layer, "n": n, "included": False, "explained": 0, "best_score": None,
-                               "median_max": None, "median_density": None})
-            continue
-        res = by_layer[layer]
-        summ = store.layer_summary(layer) if n else {k: np.zeros(0) for k in ("max", "mean", "frac_positive")}
-        absent = [bool(r[0]) for r in res]
-        scores = [_r(r[1]) for r in res]
-        payload = {
-            "n": n,
-            "absent": [1 if a else 0 for a in absent],
-            "max": [_r(v) for v in summ["max"]],
-            "mean": [_r(v) for v in summ["mean"]],
-            "density": [_r(v) for v in summ["frac_positive"]],
-            "score": scores,
-            "expl": [r[2] for r in res],
-        }
-        _write(out / "data" / "layers" / f"{layer}.js", js_call("NA.layer", layer, payload))
-        present = [i for i in range(n) if not absent[i]]
-        explained = sum(1 for r in res if r[3])
-        explained_total += explained
-        pages += len(present)
-        layer_rows.append({
-            "layer": layer, "n": n, "included": True, "explained": explained,
-            "best_score": max([s for s in scores if s is not None], default=None),
-            "median_max": _median(payload["max"][i] for i in present),
-            "median_density": _median(payload["density"][i] for i in present),
-        })
+        layer_rows, explained_total, pages = [], 0, 0
+        for layer in range(store.n_layers):
+            n = store.n_neurons[layer]
+            if layer not in by_layer:
+                layer_rows.append({"layer": layer, "n": n, "included": False, "explained": 0, "best_score": None,
+                                   "median_max": None, "median_density": None})
+                continue
+            res = by_layer[layer]
+            summ = store.layer_summary(layer) if n else {k: np.zeros(0) for k in ("max", "mean", "frac_positive")}
+            absent = [bool(r[0]) for r in res]
+            scores = [_r(r[1]) for r in res]
+            payload = {
+                "n": n,
+                "absent": [1 if a else 0 for a in absent],
+                "max": [_r(v) for v in summ["max"]],
+                "mean": [_r(v) for v in summ["mean"]],
+                "density": [_r(v) for v in summ["frac_positive"]],
+                "score": scores,
+                "expl": [r[2] for r in res],
+            }
+            _write(out / "data" / "layers" / f"{layer}.js", js_call("NA.layer", layer, payload))
+            present = [i for i in range(n) if not absent[i]]
+            explained = sum(1 for r in res if r[3])
+            explained_total += explained
+            pages += len(present)
+            layer_rows.append({
+                "layer": layer, "n": n, "included": True, "explained": explained,
+                "best_score": max([s for s in scores if s is not None], default=None),
+                "median_max": _median(payload["max"][i] for i in present),
+                "median_density": _median(payload["density"][i] for i in present),
+            })
 
-    run = store.run
-    model = run["model"]
-    corpus = run.get("corpus") or {}
-    facts = [["model", f"{model.get('name')} ({model.get('architecture')}, revision {model.get('revision')})"],
-             ["corpus", ", ".join(f"{k}: {v}" for k, v in corpus.items()
-                                  if k not in ("separator", "tokens_sha256") and not isinstance(v, (dict, list)))],
-             ["excerpts", f"{store.excerpts_done:,} of {run.get('excerpt_len')} tokens"
-                          + ("" if store.complete else " (recording incomplete: its last checkpoint)")],
-             ["neurons", f"{sum(store.n_neurons):,} in {store.n_layers} layers"],
-             ["store", str(store.path.resolve())],
-             ["atlas written", time.strftime("%Y-%m-%d %H:%M:%S")]]
-    if run.get("imported"):
-        facts.insert(0, ["imported from", str(run["imported"].get("source"))])
-    _write(out / "data" / "run.js", js_call("NA.run", {
-        "model": str(model.get("name")), "excerpts": store.excerpts_done, "excerpt_len": run.get("excerpt_len"),
-        "facts": facts, "layers": layer_rows, "explained": explained_total, "limits": limits,
-    }))
-    for name, text in STATIC.items():
-        _write(out / name, text)
+        run = store.run
+        model = run["model"]
+        corpus = run.get("corpus") or {}
+        facts = [["model", f"{model.get('name')} ({model.get('architecture')}, revision {model.get('revision')})"],
+                 ["corpus", ", ".join(f"{k}: {v}" for k, v in corpus.items()
+                                      if k not in ("separator", "tokens_sha256") and not isinstance(v, (dict, list)))],
+                 ["excerpts", f"{store.excerpts_done:,} of {run.get('excerpt_len')} tokens"
+                              + ("" if store.complete else " (recording incomplete: its last checkpoint)")],
+                 ["neurons", f"{sum(store.n_neurons):,} in {store.n_layers} layers"],
+                 ["store", str(store.path.resolve())],
+                 ["atlas written", time.strftime("%Y-%m-%d %H:%M:%S")]]
+        if run.get("imported"):
+            facts.insert(0, ["imported from", str(run["imported"].get("source"))])
+        _write(out / "data" / "run.js", js_call("NA.run", {
+            "model": str(model.get("name")), "excerpts": store.excerpts_done, "excerpt_len": run.get("excerpt_len"),
+            "facts": facts, "layers": layer_rows, "explained": explained_total, "limits": limits,
+        }))
+        for name, text in STATIC.items():
+            _write(out / name, text)
     secs = time.perf_counter() - t0
     return (f"Wrote an atlas of {pages:,} neurons in {len(layers)} layers ({explained_total:,} explained) to "
-            f"{out} in {secs:.1f} s; open {out / 'index.html'} in a browser (no server or network needed).")
+            f"{final} in {secs:.1f} s; open {final / 'index.html'} in a browser (no server or network needed).")
 
 
 def serve(out: Path, port: int, ready=None):

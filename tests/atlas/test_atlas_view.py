@@ -250,3 +250,35 @@ def test_view_command_and_serve(hostile_store, tmp_path, capsys):
     finally:
         servers[0].shutdown()
         t.join(10)
+
+
+def test_a_run_that_fails_halfway_leaves_the_previous_outputs_whole(hostile_store, tmp_path, capsys):
+    """A store damaged in layer 1 (one chunk gone): view and export fail there, one line, exit 2;
+    the atlas and the export made before from the good store are kept as they were, and nothing
+    half-written is left beside them."""
+    import shutil
+
+    site, pub = tmp_path / "site", tmp_path / "pub"
+    assert main(["view", str(hostile_store), "--out", str(site), "--no-progress"]) == 0
+    assert main(["export", str(hostile_store), "--out", str(pub), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def snapshot(d):
+        return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    before = snapshot(site), snapshot(pub)
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(hostile_store, broken)
+    chunks = sorted((broken / "checkpoints").glob("g*/layers/001/amax/c/*"))
+    assert chunks
+    chunks[0].unlink()
+    for command, out in (("view", site), ("export", pub)):
+        assert main([command, str(broken), "--out", str(out), "--no-progress", "--jobs", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "damaged" in err[-1] and all("Traceback" not in line for line in err), err
+        fresh = tmp_path / f"fresh-{command}"  # nor is a new output left half-written
+        assert main([command, str(broken), "--out", str(fresh), "--no-progress", "--jobs", "1"]) == 2
+        assert not fresh.exists()
+    capsys.readouterr()
+    assert (snapshot(site), snapshot(pub)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.zarr", "pub", "site"]
