@@ -97,11 +97,32 @@ def write_json_atomic(path: Path, obj, durable: bool = True) -> None:
 def read_json(path: Path) -> dict | None:
     """A JSON object from `path`, or None when it is missing or unreadable."""
     try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read())
-    except (OSError, ValueError):
+        return load_json(path)
+    except UserError:
         return None
-    return obj if isinstance(obj, dict) else None
+
+
+def load_json(path: Path, fix: str = "restore it from a copy, or delete it") -> dict | None:
+    """A JSON object from `path`; None when there is no such file; UserError naming the file when
+    it is there but damaged (cut short, not JSON, nested too deeply to parse, not an object). The
+    results files are written whole (write_json_atomic), so a damaged one was damaged from outside:
+    it is reported, never taken for a neuron with no result and silently made again."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc}): {fix}") from None
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else (
+            "empty" if not raw.strip() else f"not JSON: {getattr(exc, 'msg', exc)}")
+        raise UserError(f"{path} is damaged ({why}): {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object): {fix}")
+    return obj
 
 
 def recording_fingerprint(store_path: str | Path) -> str | None:
@@ -124,6 +145,9 @@ def _ensure_zarr_group(path: Path, attributes: dict, durable: bool) -> None:
     write_json_atomic(meta, {"zarr_format": 3, "node_type": "group", "attributes": attributes}, durable)
 
 
+DAMAGED_FIX = "restore it from a copy, or delete it to make that neuron's results again"
+
+
 class ResultsGroup:
     """The results of one (explainer, simulator, prompt version) inside a store."""
 
@@ -141,7 +165,9 @@ class ResultsGroup:
         out = []
         if base.is_dir():
             for d in sorted(base.iterdir()):
-                meta = read_json(d / "zarr.json") if d.is_dir() else None
+                # A damaged group is reported: taken for no group, its results would be shown without
+                # the check below, and a new run would write it afresh over another recording's.
+                meta = load_json(d / "zarr.json", "restore it, or delete the directory") if d.is_dir() else None
                 attrs = (meta or {}).get("attributes") or {}
                 if attrs.get("format") == GROUP_FORMAT:
                     group = cls(store_path, d.name, attrs)
@@ -163,7 +189,7 @@ class ResultsGroup:
     @classmethod
     def for_models(cls, store_path: str | Path, explainer: str, simulator: str, prompt_version: str) -> "ResultsGroup":
         key = group_key(explainer, simulator, prompt_version)
-        meta = read_json(Path(store_path) / DIRNAME / key / "zarr.json")
+        meta = load_json(Path(store_path) / DIRNAME / key / "zarr.json", "restore it, or delete the directory")
         attrs = (meta or {}).get("attributes") or {
             "format": GROUP_FORMAT, "format_version": GROUP_FORMAT_VERSION, "explainer_model": explainer,
             "simulator_model": simulator, "prompt_version": prompt_version}
@@ -208,8 +234,8 @@ class ResultsGroup:
         return self.path / "neurons" / f"{layer:03d}" / f"{index:06d}.json"
 
     def read(self, layer: int, index: int) -> dict | None:
-        """A neuron's result, or None when it has none (or its file is unreadable: redone)."""
-        rec = read_json(self.neuron_path(layer, index))
+        """A neuron's result, or None when it has none; UserError when its file is damaged."""
+        rec = load_json(self.neuron_path(layer, index), DAMAGED_FIX)
         return rec if rec is not None and rec.get("status") in STATUSES else None
 
     def write(self, layer: int, index: int, rec: dict, durable: bool = True) -> None:
@@ -229,7 +255,7 @@ class ResultsGroup:
                 continue
             for f in sorted(ldir.iterdir()):
                 if f.suffix == ".json" and not f.name.startswith("."):
-                    rec = read_json(f)
+                    rec = load_json(f, DAMAGED_FIX)
                     if rec is not None and rec.get("status") in STATUSES:
                         yield rec
 
@@ -245,10 +271,10 @@ class ResultsGroup:
 
 
 def reader_view(rec: dict) -> dict:
-    """What Store.explanations returns for one neuron file (kept in step with engine/store.py)."""
+    """What Store.explanations returns for one neuron file."""
     out = {k: rec.get(k) for k in READER_KEYS}
     out["key"] = rec.get("key")
     out["candidates"] = [{"explanation": c.get("explanation"), **{k: (c.get("scores") or {}).get(k) for k in (
         "score", "score_random_only", "rsquared", "absolute_dev_explained")}, "error": c.get("error")}
-        for c in rec.get("candidates") or []]
+        for c in rec.get("candidates") or [] if isinstance(c, dict)]
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import functools
+import math
 import os
 import shutil
 import threading
@@ -762,36 +763,50 @@ class Store:
         explanation, explainer_model, simulator_model, prompt_version, status, score (pooled
         top+random correlation; None = undefined or not scored yet), score_random_only, rsquared,
         absolute_dev_explained, undefined (why a score is undefined), error, simulation_mode, split,
-        updated, key, candidates (every explanation sampled, with its scores). Layout: docs/EXPLAIN.md."""
-        import json
+        updated, key, candidates (every explanation sampled, with its scores). Layout: docs/EXPLAIN.md.
 
-        base = self.path / "explanations"
-        if not base.is_dir():
-            return []
+        As the commands do, it refuses (UserError) results made from another recording (a results
+        directory copied between stores), a damaged results group or neuron file, and ids out of
+        range."""
+        from client.results import reader_view
+
+        layer, index = _index(layer, "layer"), _index(index, "neuron")
+        if not 0 <= layer < self.n_layers:
+            raise UserError(f"layer {layer} out of range: the store has layers 0..{self.n_layers - 1}")
+        if not 0 <= index < self.n_neurons[layer]:
+            raise UserError(f"neuron {index} out of range: layer {layer} has {self.n_neurons[layer]} neurons")
         out = []
-        for group in sorted(base.iterdir()):
-            try:
-                rec = json.loads((group / "neurons" / f"{layer:03d}" / f"{index:06d}.json").read_bytes())
-            except (OSError, ValueError):
-                continue  # no result for this neuron in this group (or not a group at all)
-            if not isinstance(rec, dict) or "status" not in rec:
+        for group in self._results_groups():
+            rec = group.read(layer, index)
+            if rec is None:
                 continue
-            d = {k: rec.get(k) for k in _EXPLANATION_KEYS}
-            d["key"] = group.name
-            d["candidates"] = [
-                {"explanation": c.get("explanation"), "error": c.get("error"),
-                 **{k: (c.get("scores") or {}).get(k) for k in ("score", "score_random_only", "rsquared",
-                                                                 "absolute_dev_explained")}}
-                for c in rec.get("candidates") or [] if isinstance(c, dict)]
+            d = reader_view(rec)
+            d["key"] = group.key
             out.append(d)
-        out.sort(key=lambda d: (not isinstance(d["score"], (int, float)), -(d["score"] or 0.0)))
+
+        def rank(d):
+            score = d["score"]
+            number = isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
+            return (not number, -score if number else 0.0)
+
+        out.sort(key=rank)
         return out
 
+    def _results_groups(self) -> list:
+        """The store's results groups, checked (another recording's, or damaged: UserError); found
+        again when the `explanations` directory changes (a group added while this store is open)."""
+        from client.results import DIRNAME, ResultsGroup
 
-_EXPLANATION_KEYS = ("explanation", "explainer_model", "simulator_model", "prompt_version", "status", "score",
-                     "score_random_only", "rsquared", "absolute_dev_explained", "undefined", "error",
-                     "simulation_mode", "split", "updated")
-"""Fields of a neuron's results file that Store.explanations returns (client/results.py writes them)."""
+        base = self.path / DIRNAME
+        try:
+            stamp = base.stat().st_mtime_ns
+        except OSError:
+            return []
+        cached = getattr(self, "_groups_cache", None)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, ResultsGroup.all(self.path))
+            self._groups_cache = cached
+        return cached[1]
 
 
 def open_store(path: str | Path) -> Store:

@@ -143,7 +143,7 @@ def explanations(store, layer: int, index: int) -> list[Explanation]:
     if text is not None:
         try:
             out += parse_openai_explanations(text)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             pass  # checked on import
     return out
 

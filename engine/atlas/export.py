@@ -280,6 +280,8 @@ def parse_record(path: Path, layer: int, index: int) -> dict:
             raise _Bad("is not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise _Bad(f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        except RecursionError:
+            raise _Bad("is JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise _Bad("is not a JSON object")
         if obj.get("dataclass_name", "NeuronRecord") != "NeuronRecord":
@@ -633,7 +635,7 @@ def _explanation_files(expl_dir: Path) -> list[tuple[int, int, Path]]:
                 ids = [json.loads(line).get("neuron_id") for line in text.splitlines() if line.strip()]
             except data.BadExplanations as exc:
                 raise UserError(f"{f}: {exc}; expected OpenAI's explanations layout (see docs/ATLAS.md)") from None
-            except (ValueError, AttributeError, TypeError):
+            except (ValueError, AttributeError, TypeError, RecursionError):
                 raise UserError(f"{f}: not a NeuronSimulationResults JSON line; expected OpenAI's explanations "
                                 "layout (see docs/ATLAS.md)") from None
             for nid in ids:

@@ -160,6 +160,9 @@ def bad_layouts(tmp: Path):
 
     rec = published_records()[(0, 1)]
     one("invalid json", "{not json", "is not valid JSON")
+    one("nested too deeply", "[" * 100_000 + "]" * 100_000, "is JSON nested too deeply to read")
+    one("explanations nested too deeply", json.dumps(rec), "explanations/0/1.jsonl: not a NeuronSimulationResults "
+        "JSON line", {"explanations/0/1.jsonl": "[" * 100_000 + "]" * 100_000 + "\n"})
     one("wrong neuron", json.dumps({**rec, "neuron_id": {"layer_index": 0, "neuron_index": 5}}), "path says layer 0 neuron 1")
     short = json.loads(json.dumps(rec))
     short["most_positive_activation_records"][0]["activations"].pop()

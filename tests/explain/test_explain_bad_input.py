@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 from engine import open_store
+from engine.errors import UserError
 from tests.explain.helpers import served
 
 SELECT = ["--layers", "0", "--neurons", "0-7"]
@@ -207,6 +208,40 @@ def test_results_copied_from_another_recording_are_refused(store, tmp_path, fake
         _one_error_line(*cli("simulate", other, "--explainer-model", "m", "--simulator-model", "m", *SELECT,
                              *_flags(server))[::2], "results made from another recording")
     assert cli("top", store)[0] == 0  # in their own store they still read
+    with pytest.raises(UserError, match="results made from another recording"):
+        open_store(other).explanations(0, 1)  # the reader refuses them too
+    assert open_store(store).explanations(0, 1)
+    # A damaged group (its zarr.json cut short) is no group without a fingerprint: refused everywhere.
+    meta = other / "explanations" / "m__m__v1" / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:10])
+    for command in (["top", other], ["score", other], ["show", other, "0", "1"], ["export", other, "--out", tmp_path / "x"]):
+        _one_error_line(*cli(*command)[::2], "zarr.json is damaged")
+    with pytest.raises(UserError, match="zarr.json is damaged"):
+        open_store(other).explanations(0, 1)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "nested", "empty", "a list"])
+def test_a_damaged_neuron_file_is_named_not_redone_in_silence(store, fake_server, cli, damage):
+    """Results files are written whole: a damaged one was damaged from outside. Every reader says
+    which file, in one line (a deeply nested one gave a RecursionError traceback; the others were
+    taken for a neuron without results: hidden by show and view, and made again by explain)."""
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server), "--no-fsync")[0] == 0
+        path = store / "explanations" / "m__m__v1" / "neurons" / "000" / "000001.json"
+        text = path.read_bytes()
+        path.write_bytes({"cut short": text[:100], "nested": b"[" * 100_000 + b"]" * 100_000, "empty": b"",
+                          "a list": b"[]"}[damage])
+        received = server.snapshot()["received"]
+        for command in (["explain", store, "--explainer-model", "m", *SELECT, *_flags(server)], ["top", store],
+                        ["score", store], ["show", store, "0", "1"]):
+            _one_error_line(*cli(*command)[::2], "000001.json is damaged")
+        assert server.snapshot()["received"] == received
+    with pytest.raises(UserError, match="000001.json is damaged"):
+        open_store(store).explanations(0, 1)
+    with pytest.raises(UserError, match="out of range"):
+        open_store(store).explanations(5, 0)
+    with pytest.raises(UserError, match="out of range"):
+        open_store(store).explanations(0, 10**6)
 
 
 def test_sigterm_during_the_server_check_says_so_and_writes_nothing(store):
