@@ -198,6 +198,12 @@ JS = r"""
       return "\\u" + "0000".slice(h.length) + h;
     });
   }
+  // Explanations are model output (or imported text): shown as text with their control and
+  // direction-override characters made visible, in a <bdi> so that right-to-left text cannot
+  // reorder what stands beside it (the score).
+  function prose(text) {
+    return display(String(text).replace(/[\r\n\t]+/g, " "));
+  }
   function shade(a, pos, neg) {
     if (!num(a)) return "";
     var x = 0, rgb = "";
@@ -309,7 +315,7 @@ JS = r"""
         var href = "neuron.html?l=" + r.l + "&n=" + r.i;
         body.appendChild(el("tr", {}, [el("td", { cls: "num", text: r.l }), el("td", { cls: "num" }, [el("a", { text: r.i, href: href })]),
           el("td", { cls: "num", text: fmt(r.max) }), el("td", { cls: "num", text: pct(r.density) }), el("td", { cls: "num", text: fmt(r.mean) }),
-          el("td", { cls: "num", text: fmt(r.score, 3) }), el("td", { cls: "expl", text: r.expl || "" })]));
+          el("td", { cls: "num", text: fmt(r.score, 3) }), el("td", { cls: "expl" }, [el("bdi", { text: prose(r.expl || "") })])]));
       });
       var missing = layers.filter(function (l) { return !NA._layers[l]; });
       document.getElementById("count").textContent = rows.length.toLocaleString("en-US") + " neurons" +
@@ -396,10 +402,10 @@ JS = r"""
     var ex = document.getElementById("explanations");
     var best = d.explanations[0];
     if (best) {
-      ex.appendChild(el("p", { cls: "expl-best" }, [el("span", { text: best.text }), el("span", { cls: "score", text: scoreText(best) })]));
+      ex.appendChild(el("p", { cls: "expl-best" }, [el("bdi", { text: prose(best.text) }), el("span", { cls: "score", text: scoreText(best) })]));
       if (d.explanations.length > 1) {
         var ul = el("ul", { cls: "expl-list" });
-        d.explanations.slice(1).forEach(function (e) { ul.appendChild(el("li", {}, [el("span", { text: e.text }), el("span", { cls: "score", text: scoreText(e) })])); });
+        d.explanations.slice(1).forEach(function (e) { ul.appendChild(el("li", {}, [el("bdi", { text: prose(e.text) }), el("span", { cls: "score", text: scoreText(e) })])); });
         ex.appendChild(ul);
       }
     } else {

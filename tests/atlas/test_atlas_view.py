@@ -216,6 +216,33 @@ def test_imported_atlas_filters_by_explanation(imported_store, browser, artifact
     browser.screenshot(page, artifacts / "imported-neuron.png", size="1280,1000")
 
 
+def test_explanations_cannot_reorder_the_page(published_dir, browser, tmp_path):
+    """An explanation is untrusted text: a right-to-left override or an escape sequence in it is
+    shown as visible \\uXXXX (as in tokens), inside a <bdi>, so that the score beside it reads as
+    written (it read "derocs" mirrored)."""
+    import shutil
+
+    from engine.atlas.export import import_openai
+    from tests.atlas.helpers import explanations_line
+
+    src = tmp_path / "pub"
+    shutil.copytree(published_dir, src)
+    hostile = "\u202eevil\u202c cats \u001b[31mred\n\u2067x"
+    (src / "explanations" / "2" / "3.jsonl").write_text(explanations_line(2, 3, [(hostile, 0.35)]), encoding="utf-8")
+    store = tmp_path / "s.zarr"
+    import_openai(src, store, progress=False)
+    out = tmp_path / "site"
+    view.build(open_store(store), out, limits=ALL, progress=False)
+    for page in (url(out / "neuron.html", "?l=2&n=3"), url(out / "index.html", "#layer=all&sort=score&dir=desc")):
+        html = browser.dom(page)
+        assert not any(c in html for c in "\u202e\u202c\u001b\u2067"), page
+        dom = Dom(html)
+        assert_no_injection(dom)
+        shown = "\\u202eevil\\u202c cats \\u001b[31mred \\u2067x"
+        assert shown in (dom.text("explanations") or "".join(r[6] for r in dom.rows if len(r) == 7)), page
+        assert any(t == "bdi" for t, _ in dom.tags)
+
+
 def test_view_command_and_serve(hostile_store, tmp_path, capsys):
     out = tmp_path / "site"
     assert main(["view", str(hostile_store), "--out", str(out), "--layers", "1", "--top", "2", "--random", "1",
