@@ -217,7 +217,7 @@ def top_command(args) -> int:
                 failed += 1
             elif rec.get("status") not in ("scored", "never_fires"):
                 unscored += 1
-            elif isinstance(value, (int, float)) and math.isfinite(value):
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 rows.append((value, rec))
             else:
                 undefined += 1

@@ -254,9 +254,11 @@ class ResultsGroup:
             if not (ldir.is_dir() and ldir.name.isdigit()) or (layers is not None and int(ldir.name) not in layers):
                 continue
             for f in sorted(ldir.iterdir()):
-                if f.suffix == ".json" and not f.name.startswith("."):
+                if f.suffix == ".json" and not f.name.startswith(".") and f.stem.isdigit():
                     rec = load_json(f, DAMAGED_FIX)
                     if rec is not None and rec.get("status") in STATUSES:
+                        # Where the file lies says which neuron it is (not a field one could edit).
+                        rec["layer"], rec["neuron"] = int(ldir.name), int(f.stem)
                         yield rec
 
     @contextmanager

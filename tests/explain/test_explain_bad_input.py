@@ -244,6 +244,25 @@ def test_a_damaged_neuron_file_is_named_not_redone_in_silence(store, fake_server
         open_store(store).explanations(0, 10**6)
 
 
+def test_hand_edited_fields_do_not_break_top(store, fake_server, cli):
+    """A neuron's file says which neuron it is by where it lies: a `layer` edited to text broke
+    `top` with a TypeError traceback; a boolean score is no score."""
+    with fake_server() as (server, fake):
+        for stage in ("explain", "simulate"):
+            assert cli(stage, store, "--explainer-model", "m", *SELECT, *_flags(server), "--no-fsync")[0] in (0, 1)
+    assert cli("score", store, *SELECT)[0] in (0, 1)
+    neurons = store / "explanations" / "m__m__v1" / "neurons" / "000"
+    scored = [p for p in sorted(neurons.iterdir()) if json.loads(p.read_text()).get("status") == "scored"]
+    assert len(scored) >= 2
+    first, second = (json.loads(p.read_text()) for p in scored[:2])
+    scored[0].write_text(json.dumps({**first, "layer": "x", "neuron": None}))
+    scored[1].write_text(json.dumps({**second, "score": True}))
+    rc, out, err = cli("top", store, "--json")
+    assert rc == 0 and "Traceback" not in err, err
+    listed = [(r["layer"], r["neuron"]) for r in map(json.loads, out.splitlines())]
+    assert (0, int(scored[0].stem)) in listed and (0, int(scored[1].stem)) not in listed
+
+
 def test_sigterm_during_the_server_check_says_so_and_writes_nothing(store):
     """A server that accepts and never answers keeps `explain` in its server check; SIGTERM there
     (a job scheduler's stop) is Ctrl-C: exit 130 with a message, not a silent death by signal."""
