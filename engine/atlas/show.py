@@ -17,6 +17,7 @@ import sys
 import unicodedata
 
 from engine.atlas import data
+from engine.errors import UserError
 
 MODES = ("auto", "truecolor", "256", "none")
 BRACKET_AT = 0.25
@@ -214,6 +215,8 @@ def render(store, layer: int, index: int, mode: str = "none", width: int = 100, 
 def cmd_show(args) -> int:
     from engine.store import open_store
 
+    if args.width is not None and args.width < 20:
+        raise UserError(f"--width {args.width}: give at least 20 columns (excerpts wrap at 20 at the least)")
     store = open_store(args.store)
     data.refuse_foreign_results(store)
     mode = color_mode(args.color, sys.stdout)

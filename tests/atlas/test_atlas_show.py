@@ -110,6 +110,10 @@ def test_bad_neuron(hostile_store, capsys):
     assert err.count("\n") == 1 and "neuron 999 out of range: layer 1 has neurons 0..71" in err
     assert main(["show", str(hostile_store), "7", "0"]) == 2
     assert "layer 7 out of range" in capsys.readouterr().err
+    for width in ("0", "-5"):
+        assert main(["show", str(hostile_store), "1", "3", "--width", width]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--width {width}: give at least 20 columns" in err
 
 
 def test_a_layer_without_neurons(imported_store, capsys):
