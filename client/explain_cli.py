@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 
 def _selection_flags(p: argparse.ArgumentParser) -> None:
@@ -130,6 +131,7 @@ def register_explain(sub) -> None:
 
 def settings_from_args(stage: str, args):
     from client.pipeline import RunSettings
+    from engine.errors import UserError
 
     s = RunSettings(store=args.store, layers=args.layers, neurons=args.neurons, ids=args.ids, limit=args.limit,
                     explainer_model=args.explainer_model, simulator_model=args.simulator_model,
@@ -141,6 +143,8 @@ def settings_from_args(stage: str, args):
     s.requests = args.requests
     s.retry_failed = args.retry_failed
     s.redo = args.redo
+    if args.max_cost is not None and not (math.isfinite(args.max_cost) and args.max_cost >= 0):
+        raise UserError(f"--max-cost must be a finite number of USD, 0 or more, not {args.max_cost:g}")
     s.max_cost = args.max_cost
     s.concurrency = args.concurrency
     s.progress = args.progress
@@ -223,10 +227,20 @@ def top_command(args) -> int:
                 undefined += 1
     rows.sort(key=lambda r: (r[0], -r[1]["layer"], -r[1]["neuron"]), reverse=not args.worst)
     rows = rows[: args.count]
+    notes = []
+    if undefined:
+        notes.append(f"{undefined:,} scored neurons have an undefined {args.by} and are not ranked")
+    if unscored:
+        notes.append(f"{unscored:,} neurons are not scored yet")
+    if failed:
+        notes.append(f"{failed:,} neurons failed (`neuronatlas show` gives each error; rerun the step with "
+                     "--retry-failed to try them again)")
     if args.json:
         for value, rec in rows:
             print(json.dumps({"layer": rec["layer"], "neuron": rec["neuron"], args.by: value,
                               **res.reader_view(rec)}, ensure_ascii=False))
+        if notes:  # standard output stays JSON lines; what was left out goes to standard error
+            print("; ".join(notes) + ".", file=sys.stderr)
         return 0
     many = len(groups) > 1
     print(f"{'neuron':>10}  {args.by:>11}  {'random':>9}  explanation" + ("  [group]" if many else ""))
@@ -236,14 +250,6 @@ def top_command(args) -> int:
               + (f"  [{clean_token(str(rec.get('key')), True)}]" if many else ""))
     if not rows:
         print("(no neuron has a defined score yet: run `neuronatlas score`)")
-    notes = []
-    if undefined:
-        notes.append(f"{undefined:,} scored neurons have an undefined {args.by} and are not ranked")
-    if unscored:
-        notes.append(f"{unscored:,} neurons are not scored yet")
-    if failed:
-        notes.append(f"{failed:,} neurons failed (`neuronatlas show` gives each error; rerun the step with "
-                     "--retry-failed to try them again)")
     if notes:
         print("; ".join(notes) + ".")
     return 0

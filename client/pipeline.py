@@ -624,10 +624,10 @@ def _score_stage(store, group, todo, settings: RunSettings, report: StageReport)
         say(f"score: dry run: would score {len(todo):,} neurons (no requests: scoring reads the simulations)")
         return 0
     start = time.monotonic()
-    group.create(settings.durable)
     scores = []
     undefined = Counter()
     with group.lock():
+        group.create(settings.durable)
         for layer, index in todo:
             rec = group.read(layer, index)
             new = score_record(rec, settings.calibration)
@@ -716,23 +716,25 @@ async def _network_stage(stage, store, group, todo, settings: RunSettings, confi
         raise UserError(f"the estimated cost ({'unknown' if est.cost is None else f'${est.cost:.4f}'}) is above "
                         f"--max-cost ${settings.max_cost:g}: select fewer neurons or raise the limit")
 
-    group.create(settings.durable)
-    if config.store_path:
-        Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
-    client = Client(config)
-    try:
-        await client.open()
-    except (SetupError, StoreError) as exc:
-        await client.transport.close()
-        raise UserError(str(exc)) from None
-    ctx = Context(store, group, settings, client, explain_opts, sim_opts)
-    start = time.monotonic()
-    try:
-        with group.lock():
+    # The group is held before anything is written, the request store included: a run refused
+    # because another holds the group leaves nothing behind.
+    with group.lock():
+        group.create(settings.durable)
+        if config.store_path:
+            Path(config.store_path).parent.mkdir(parents=True, exist_ok=True)
+        client = Client(config)
+        try:
+            await client.open()
+        except (SetupError, StoreError) as exc:
+            await client.transport.close()
+            raise UserError(str(exc)) from None
+        ctx = Context(store, group, settings, client, explain_opts, sim_opts)
+        start = time.monotonic()
+        try:
             await _workers(stage, ctx, todo, report)
-    finally:
-        await client.aclose()
-        ctx.executor.shutdown(wait=True)
+        finally:
+            await client.aclose()
+            ctx.executor.shutdown(wait=True)
     report.seconds = time.monotonic() - start
     say(report.text(group))
     say(summary(client, report.seconds, stage))

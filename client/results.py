@@ -32,6 +32,9 @@ GROUP_FORMAT = "neuronatlas-explanations"
 GROUP_FORMAT_VERSION = 1
 REQUESTS_FILE = "requests.sqlite"
 
+SCORE_FIELDS = ("score", "score_random_only", "rsquared", "absolute_dev_explained", "undefined", "calibration")
+"""Fields of a neuron file that are null until `score` fills them."""
+
 STATUSES = ("explained", "simulated", "scored", "never_fires", "failed")
 """How far a neuron has got: explained -> simulated -> scored; never_fires and failed are final."""
 
@@ -240,6 +243,8 @@ class ResultsGroup:
 
     def write(self, layer: int, index: int, rec: dict, durable: bool = True) -> None:
         rec = dict(rec)
+        for name in SCORE_FIELDS:  # null until scored (docs/EXPLAIN.md, "A neuron file"), never absent
+            rec.setdefault(name, None)
         rec.update({"format": GROUP_FORMAT_VERSION, "layer": layer, "neuron": index, "key": self.key,
                     "explainer_model": self.explainer_model, "simulator_model": self.simulator_model,
                     "prompt_version": self.prompt_version, "updated": now()})
@@ -266,7 +271,10 @@ class ResultsGroup:
         """Hold the group for one run: a second run on the same group is refused, not interleaved."""
         from engine.store import exclusive
 
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write results into {self.store_path}: {exc.strerror or exc}") from None
         with exclusive(self.path / ".lock", f"another neuronatlas run is writing to {self.path}: wait for it to "
                        "finish or stop it", os.O_RDWR | os.O_CREAT):
             yield self

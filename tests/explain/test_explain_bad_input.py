@@ -263,6 +263,26 @@ def test_hand_edited_fields_do_not_break_top(store, fake_server, cli):
     assert (0, int(scored[0].stem)) in listed and (0, int(scored[1].stem)) not in listed
 
 
+def test_unscored_fields_top_json_notes_and_max_cost_values(store, fake_server, cli):
+    """A neuron file carries its score fields as null until scored (they were absent); `top --json`
+    says on standard error what it left out, as the text mode does; --max-cost must be a number of
+    USD, 0 or more (nan and -1 were taken and refused later with '$nan')."""
+    with fake_server() as (server, fake):
+        for value in ("nan", "-1", "inf"):
+            rc, _, err = cli("explain", store, "--explainer-model", "m", "--max-cost", value, *SELECT, *_flags(server))
+            _one_error_line(rc, err, "--max-cost must be a finite number of USD")
+        assert server.snapshot()["received"] == 0
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server), "--no-fsync")[0] == 0
+        rec = json.loads((store / "explanations" / "m__m__v1" / "neurons" / "000" / "000002.json").read_text())
+        assert all(k in rec and rec[k] is None for k in ("score", "score_random_only", "rsquared",
+                                                          "absolute_dev_explained", "undefined", "calibration"))
+        assert cli("simulate", store, "--layers", "0", "--neurons", "0-3", *_flags(server), "--no-fsync")[0] in (0, 1)
+    assert cli("score", store, "--layers", "0", "--neurons", "0-3")[0] in (0, 1)
+    rc, out, err = cli("top", store, "--json")
+    assert rc == 0 and all(json.loads(line) for line in out.splitlines())
+    assert "4 neurons are not scored yet" in err
+
+
 def test_sigterm_during_the_server_check_says_so_and_writes_nothing(store):
     """A server that accepts and never answers keeps `explain` in its server check; SIGTERM there
     (a job scheduler's stop) is Ctrl-C: exit 130 with a message, not a silent death by signal."""

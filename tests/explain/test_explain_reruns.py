@@ -54,7 +54,7 @@ def test_a_rerun_with_other_options_is_refused_then_redone(store, fake_server, c
     recs = [json.loads(p.read_text()) for p in sorted((store / "explanations").rglob("0000*.json"))]
     assert len(recs) == 4
     for rec in recs:
-        assert rec["status"] == "simulated" and rec["score"] is None and "rsquared" not in rec
+        assert rec["status"] == "simulated" and rec["score"] is None and rec["rsquared"] is None
         assert rec["simulation"]["split"] == "test"
         assert {e["split"] for c in rec["candidates"] for e in c["simulation"]["excerpts"]} == {"test", "calibration"}
     assert cli("score", store, *SELECT, "--no-fsync")[0] == 0
@@ -149,3 +149,25 @@ def test_one_run_at_a_time_per_results_group(store):
                 pass
     with group.lock():
         pass
+
+
+def test_a_run_refused_by_the_group_lock_writes_nothing(store, fake_server, cli, tmp_path):
+    """Held by another run, the group refuses this one before its request store exists (it was
+    created, with its lock file, before the group lock was tried)."""
+    from client.results import ResultsGroup
+
+    requests = tmp_path / "other.sqlite"
+    first, later = ["--layers", "0", "--neurons", "0-1"], ["--layers", "0", "--neurons", "2-3"]
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server), "--no-fsync")[0] == 0
+        assert cli("simulate", store, *first, *_flags(server), "--no-fsync")[0] == 0
+        received = server.snapshot()["received"]
+        with ResultsGroup.for_models(store, "m", "m", "v1").lock():
+            for command in (["explain", store, "--explainer-model", "m", "--layers", "0", "--neurons", "4-7"],
+                            ["simulate", store, *later]):
+                rc, _, err = cli(*command, "--requests", requests, *_flags(server))
+                assert rc == 2 and "another neuronatlas run is writing to" in err, err
+            rc, _, err = cli("score", store, *first)
+            assert rc == 2 and "another neuronatlas run is writing to" in err, err
+        assert not list(tmp_path.glob("other.sqlite*"))
+        assert server.snapshot()["received"] - received <= 2  # simulate's mode probe, nothing else
