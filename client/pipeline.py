@@ -31,7 +31,7 @@ from engine.atlas.data import is_absent
 from engine.errors import UserError
 
 STAGES = ("explain", "simulate", "score")
-SCORE_KEYS = ("score_random_only", "rsquared", "absolute_dev_explained", "undefined", "calibration")
+SCORE_KEYS = ("score_random_only", "rsquared", "absolute_dev_explained", "undefined", "calibration", "scoring")
 """What scoring adds to a neuron's file (besides `score` and the candidates' scores)."""
 
 
@@ -312,6 +312,7 @@ def score_record(rec: dict, calibration: bool = True) -> dict:
     rec = dict(rec)
     simulation = rec.get("simulation") or {}
     split = simulation.get("split", rec.get("split", "valid"))
+    calibration_asked = calibration  # what `score` was told (--no-calibration), kept in the file
     calibration = calibration and simulation.get("calibration", True) is not False
     best = None
     candidates = []
@@ -349,7 +350,7 @@ def score_record(rec: dict, calibration: bool = True) -> dict:
     rec.update(status="scored", explanation=best["explanation"], score=scores["score"],
                score_random_only=scores["score_random_only"], rsquared=scores["rsquared"],
                absolute_dev_explained=scores["absolute_dev_explained"], undefined=scores["undefined"] or None,
-               calibration=scores["calibration"])
+               calibration=scores["calibration"], scoring={"calibration": calibration_asked})
     return rec
 
 
@@ -506,6 +507,12 @@ def changed_options(stage: str, rec: dict | None, settings: RunSettings) -> list
             wanted.append(("--sim-mode", "sim_mode", settings.sim_mode))
         if settings.top_logprobs is not None:
             wanted.append(("--top-logprobs", "sim_top_logprobs", settings.top_logprobs))
+    elif stage == "score":
+        if status != "scored":
+            return []
+        asked = (rec.get("scoring") or {}).get("calibration")
+        old = {} if asked is None else {"calibration": asked}  # files scored before it was kept: no check
+        wanted = [("--no-calibration", "calibration", settings.calibration)]
     else:
         return []
     for flag, key, value in wanted:
@@ -592,10 +599,12 @@ def run_stage(stage: str, settings: RunSettings, config=None) -> int:
     todo, done_before, failed_before, failed_earlier, not_ready, changed = _partition(stage, selection, group, settings)
     if changed:
         (layer, index), diff = next(iter(changed.items()))
-        verb = {"explain": "explained", "simulate": "simulated"}[stage]
+        verb = {"explain": "explained", "simulate": "simulated", "score": "scored"}[stage]
+        again = ("pass --rescore to score them again with these" if stage == "score" else
+                 f"pass --redo to {stage} them again with these (their later results are dropped)")
         raise UserError(f"{len(changed):,} of the selected neurons were {verb} with other options (neuron "
-                        f"{layer}:{index}: {'; '.join(diff)}): rerun with the options they were made with, or pass "
-                        f"--redo to {stage} them again with these (their later results are dropped)")
+                        f"{layer}:{index}: {'; '.join(diff)}): rerun with the options they were made with, or "
+                        f"{again}")
     report = StageReport(stage, len(selection), len(todo), done_before, not_ready, failed_before=failed_before,
                          failed_earlier=failed_earlier)
     say(f"{stage}: {len(selection):,} neurons selected in {store.path}; {len(todo):,} to do, {done_before:,} done "

@@ -171,3 +171,21 @@ def test_a_run_refused_by_the_group_lock_writes_nothing(store, fake_server, cli,
             assert rc == 2 and "another neuronatlas run is writing to" in err, err
         assert not list(tmp_path.glob("other.sqlite*"))
         assert server.snapshot()["received"] - received <= 2  # simulate's mode probe, nothing else
+
+
+def test_score_refuses_to_mix_calibrated_and_raw_scores(store, fake_server, cli):
+    """Some neurons scored with --no-calibration, then a plain `score` over more: refused, naming
+    the option (it skipped them as done and scored the rest calibrated, in silence); --rescore
+    scores them all again the same way."""
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server), "--no-fsync")[0] == 0
+        assert cli("simulate", store, *SELECT, *_flags(server), "--no-fsync")[0] == 0
+    assert cli("score", store, "--layers", "0", "--neurons", "0-1", "--no-calibration")[0] == 0
+    before = _files(store)
+    line = _error(*cli("score", store, *SELECT)[::2])
+    assert "were scored with other options" in line and "--no-calibration was given, now not" in line
+    assert "--rescore" in line and _files(store) == before
+    assert cli("score", store, *SELECT, "--rescore")[0] == 0
+    recs = [json.loads(p.read_text()) for p in sorted((store / "explanations").rglob("0000*.json"))]
+    assert all(r["scoring"] == {"calibration": True} for r in recs if r["status"] == "scored")
+    assert cli("score", store, *SELECT)[0] == 0  # the same options again: nothing to refuse
