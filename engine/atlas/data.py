@@ -284,12 +284,13 @@ def _sweep_stale(out: Path) -> None:
 
 
 @contextmanager
-def staged_output(out: Path, marker: str, what: str):
+def staged_output(out: Path, marker: str, what: str, owned: set[str] = frozenset()):
     """Yield a fresh directory beside `out` to build a whole output in (an atlas, an export). On
     success it replaces `out` (the old one is renamed away, then deleted); on any failure it is
     deleted and `out` stays as it was. A run that fails halfway thus never leaves a half-written
     output, nor a marker that describes another one. `out` must be new, empty, or an output of the
-    same kind (it holds `marker`)."""
+    same kind (it holds `marker`). Entries of the old `out` that the output does not own (`owned`:
+    the names it writes at its top) are the user's, and move into the new one."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
@@ -311,7 +312,14 @@ def staged_output(out: Path, marker: str, what: str):
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
-            os.replace(stage, out)
+            try:
+                os.replace(stage, out)
+            except OSError:
+                os.replace(old, out)  # put the old output back
+                raise
+            for entry in old.iterdir():  # the user's own files stay
+                if entry.name not in owned and entry.name != marker and not (out / entry.name).exists():
+                    os.replace(entry, out / entry.name)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(stage, out)

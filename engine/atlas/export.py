@@ -133,7 +133,7 @@ def export_openai(store, out: Path, layers: list[int] | None = None, jobs: int |
     jobs = data.default_jobs(len(items)) if jobs is None else max(1, jobs)
     # Built beside --out and swapped in whole: a run that fails halfway (a damaged chunk) leaves the
     # previous export as it was.
-    with data.staged_output(out, EXPORT_MARKER, "export") as stage:
+    with data.staged_output(out, EXPORT_MARKER, "export", {"collated-activations", "explanations"}) as stage:
         update, close = data.progress_bar(len(items), "export", progress)
         try:
             res = data.map_neurons(store, items, _export_one, str(stage), jobs, update)

@@ -144,7 +144,7 @@ def build(store, out: Path, layers: list[int] | None = None, limits: dict | None
     final = out
     # Built beside --out and swapped in whole: a run that fails halfway (a damaged chunk) leaves the
     # previous atlas as it was.
-    with data.staged_output(final, MARKER, "atlas") as out:
+    with data.staged_output(final, MARKER, "atlas", {"data", *STATIC}) as out:
         (out / MARKER).write_text("written by neuronatlas view; the directory is replaced when it runs again\n")
         jobs = data.default_jobs(len(items)) if jobs is None else max(1, jobs)
         update, close = data.progress_bar(len(items), "view", progress)

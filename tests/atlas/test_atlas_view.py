@@ -249,9 +249,11 @@ def test_view_command_and_serve(hostile_store, tmp_path, capsys):
                  "--per-quantile", "0", "--negative", "0", "--no-progress"]) == 0
     assert "Wrote an atlas of 72 neurons in 1 layers" in capsys.readouterr().out
     assert not (out / "data" / "n" / "0").exists() and (out / "data" / "n" / "1" / "71.js").is_file()
-    # Again over the same directory: replaced.
+    # Again over the same directory: replaced, but a file of the user's in it stays.
+    (out / "NOTES.txt").write_text("mine")
     assert main(["view", str(hostile_store), "--out", str(out), "--layers", "0", "--no-progress"]) == 0
     assert (out / "data" / "n" / "0" / "0.js").is_file() and not (out / "data" / "n" / "1").exists()
+    assert (out / "NOTES.txt").read_text() == "mine"
     # Never over someone else's files.
     busy = tmp_path / "busy"
     busy.mkdir()
