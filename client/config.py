@@ -73,18 +73,30 @@ class ClientConfig:
         if not self.base_url.startswith(("http://", "https://")):
             out.append(f"base URL {self.base_url!r} must start with http:// or https:// "
                        "(--base-url or OPENAI_BASE_URL)")
+        else:
+            from urllib.parse import urlsplit
+
+            try:  # a URL no request could ever reach is a setup error, not an outage to wait out
+                parts = urlsplit(self.base_url)
+                if not parts.hostname:
+                    raise ValueError("no host")
+                parts.port  # noqa: B018 - raises for a port out of range or not a number
+            except ValueError as exc:
+                out.append(f"base URL {self.base_url!r} is not a valid URL ({exc}) (--base-url or OPENAI_BASE_URL)")
         if self.api_key is None and self.base_url.rstrip("/") == OPENAI_BASE_URL:
             out.append("no API key for api.openai.com: set OPENAI_API_KEY or pass --api-key")
         # NaN compares false with everything: each check is written so that NaN fails it.
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
-            if value is not None and not (0 < value < math.inf):
-                out.append(f"--{name} must be a positive number, not {value}")
-        if self.max_in_flight < 1:
-            out.append(f"--max-in-flight must be at least 1, not {self.max_in_flight}")
-        if self.max_attempts < 1:
-            out.append(f"--max-attempts must be at least 1, not {self.max_attempts}")
+            if value is not None and not (number(value) and 0 < value < math.inf):
+                out.append(f"--{name} must be a positive number, not {value!r}")
+        for flag, value in (("--max-in-flight", self.max_in_flight), ("--max-attempts", self.max_attempts)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                out.append(f"{flag} must be at least 1, not {value!r}")
         for flag, value in (("--timeout", self.timeout_s), ("--deadline", self.deadline_s)):
-            if not (0 < value < math.inf):
-                out.append(f"{flag} must be a positive number of seconds, not {value}")
+            if not (number(value) and 0 < value < math.inf):
+                out.append(f"{flag} must be a positive number of seconds, not {value!r}")
         return out

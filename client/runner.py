@@ -174,6 +174,7 @@ class Client:
         self._room = asyncio.Event()
         self._watermark = max(256, 2 * config.max_in_flight)
         self._dispatcher: asyncio.Task | None = None
+        self._state = "new"  # new -> open -> closed
         self._chars_per_token = 4.0     # learned from usage.prompt_tokens
         self._chat_completion = 256.0   # tokens a chat reply without max_tokens takes, learned
         self._last_reply = time.monotonic()
@@ -198,9 +199,13 @@ class Client:
         await self.aclose()
 
     async def open(self) -> None:
+        if self._state != "new":
+            raise SetupError(f"this Client is {'open already' if self._state == 'open' else 'closed'}: "
+                             "make a new Client for another run")
         problems = self.config.problems()
         if problems:
             raise SetupError(problems[0])
+        self._state = "open"
         if self.config.store_path:
             self.store = RequestStore(self.config.store_path, durable=self.config.durable, exclusive=True)
         await self.transport.open()
@@ -208,8 +213,16 @@ class Client:
         self._silent_since = None
         self._dispatcher = asyncio.create_task(self._dispatch(), name="client-dispatcher")
 
+    def _usable(self) -> None:
+        """SetupError unless the Client is open (a closed one would read a closed store)."""
+        if self._state != "open":
+            raise SetupError("this Client is closed: make a new Client for another run" if self._state == "closed"
+                             else "this Client is not open: use `async with Client(config) as client:` (or await "
+                             "client.open())")
+
     async def check(self) -> list[str]:
         """Fail fast (SetupError, naming the fix) if the server cannot be used; returns its model ids."""
+        self._usable()
         return await self.transport.check(timeout_s=min(10.0, self.config.timeout_s))
 
     def stop(self, cancel_in_flight: bool = False, reason: str | None = None) -> None:
@@ -234,15 +247,28 @@ class Client:
                 task.cancel()
 
     async def aclose(self) -> None:
-        """Stop, wait for what is in flight, commit the store and close the pool."""
+        """Stop, wait for what is in flight, commit the store and close the pool. Cancelled while
+        it waits (a second Ctrl-C, a task group's teardown), it cancels what is in flight and still
+        commits and releases the store and closes the pool."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
         self.stop()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._dispatcher is not None:
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
-        if self._probe is not None and not self._probe.done():
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
+        try:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._dispatcher is not None:
+                await asyncio.gather(self._dispatcher, return_exceptions=True)
+        finally:
+            for task in list(self._tasks) + [t for t in (self._dispatcher, self._probe) if t is not None]:
+                if not task.done():
+                    task.cancel()
+            await asyncio.shield(self._release())
+
+    async def _release(self) -> None:
+        waiting = [t for t in list(self._tasks) + [self._dispatcher, self._probe] if t is not None]
+        if waiting:
+            await asyncio.gather(*waiting, return_exceptions=True)
         try:
             await self.store.flush()
         finally:
@@ -267,6 +293,7 @@ class Client:
 
     async def submit(self, request: Request) -> Result:
         """complete() for a ready-made Request."""
+        self._usable()
         started = self._start(request)
         if isinstance(started, Result):
             self._count(started)
@@ -292,6 +319,7 @@ class Client:
         """Yield one Result per request, in completion order. The input is read lazily, a bounded
         number ahead of dispatch, so a generator of millions of requests is fine. After stop() the
         rest are yielded as 'interrupted'. Raises RunAborted at the end if the run had to stop."""
+        self._usable()
         out: deque[Result] = deque()
         has_out = asyncio.Event()
         state = {"pending": 0, "fed": False}

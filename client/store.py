@@ -151,7 +151,7 @@ def _hold(path: str) -> int:
     import errno
     import fcntl
 
-    lock = path + "-lock"
+    lock = os.path.realpath(path) + "-lock"  # one lock for every name of the file (links, relative paths)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

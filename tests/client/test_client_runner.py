@@ -524,3 +524,84 @@ async def test_tokens_and_cost_are_counted_once_per_paid_reply(make_server, stor
     assert client.stats.completion_tokens == 11 * 5
     again, _ = await run(fast_config(server, store_path, prices=prices), requests)
     assert again.stats.cost == 0 and again.stats.prompt_tokens == 0 and again.stats.from_store == 15
+
+
+# -- the Client's life: open once, closed for good, released however it ends ---------------------
+
+async def test_a_closed_or_unopened_client_says_so(make_server, store_path):
+    """After the `async with`, calls said the store was 'damaged' (advising a move that would pay
+    for everything again); before open() they hung or raised AttributeError."""
+    server = make_server()
+    client = Client(fast_config(server, store_path))
+    with pytest.raises(SetupError, match="not open"):
+        await client.complete({"model": "test-model", "messages": [{"role": "user", "content": "x"}]})
+    async with client:
+        assert (await client.complete({"model": "test-model", "max_tokens": 2,
+                                       "messages": [{"role": "user", "content": "x"}]})).ok
+        with pytest.raises(SetupError, match="open already"):
+            await client.open()
+    for call in (client.complete({"model": "test-model", "messages": []}), client.run_many(chat_requests(2)),
+                 client.check()):
+        with pytest.raises(SetupError, match="this Client is closed"):
+            await call
+    with pytest.raises(SetupError, match="closed"):
+        await client.open()
+    await client.aclose()  # twice: nothing more to do
+
+
+async def test_a_second_cancel_while_closing_still_releases_the_store(make_server, store_path):
+    """Cancelled again while it waits for requests in flight (a second Ctrl-C, a task group's
+    teardown), the Client still commits and releases its store and closes its pool: the store
+    stayed held (a new Client in this process was refused), with the session left open."""
+    server = make_server(latency_ms=800)
+
+    async def run():
+        async with Client(fast_config(server, store_path, timeout_s=10.0)) as client:
+            await client.run_many(chat_requests(20))
+
+    task = asyncio.create_task(run())
+    while server.snapshot()["received"] < 5:
+        await asyncio.sleep(0.02)
+    task.cancel()
+    await asyncio.sleep(0.1)  # now in aclose, waiting for the requests in flight
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):  # the release runs on, shielded
+        await asyncio.sleep(0.05)
+        try:
+            RequestStore(store_path, exclusive=True).close()
+            break
+        except Exception:  # noqa: BLE001 - still held
+            continue
+    else:
+        pytest.fail("the store is still held after the Client was cancelled twice")
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "client-dispatcher"]
+
+
+async def test_a_store_reached_by_a_link_is_the_same_store(make_server, tmp_path):
+    """The lock follows the file, not the name: a symlink to a store in use is refused (it was
+    taken, and both Clients paid for the same request)."""
+    import os
+
+    from client.store import StoreError
+
+    server = make_server()
+    real = tmp_path / "s.sqlite"
+    async with Client(fast_config(server, str(real))):
+        os.symlink(real, tmp_path / "link.sqlite")
+        with pytest.raises(StoreError, match="in use by another run"):
+            async with Client(fast_config(server, str(tmp_path / "link.sqlite"))):
+                pass
+
+
+@pytest.mark.parametrize("url", ["http://", "http://[::1/v1", "http://127.0.0.1:99999/v1"])
+def test_a_base_url_no_request_could_reach_is_a_setup_error(url):
+    """It passed, and every request then waited out the outage timeout before the run stopped."""
+    assert any("is not a valid URL" in p for p in ClientConfig(base_url=url, api_key="k").problems())
+
+
+def test_limits_of_the_wrong_type_are_setup_errors():
+    problems = ClientConfig(base_url="http://127.0.0.1:1/v1", api_key="k", rpm="100", max_in_flight=2.5).problems()
+    assert any("--rpm must be a positive number, not '100'" in p for p in problems)
+    assert any("--max-in-flight must be at least 1, not 2.5" in p for p in problems)
