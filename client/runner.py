@@ -260,15 +260,13 @@ class Client:
             if self._dispatcher is not None:
                 await asyncio.gather(self._dispatcher, return_exceptions=True)
         finally:
-            for task in list(self._tasks) + [t for t in (self._dispatcher, self._probe) if t is not None]:
-                if not task.done():
-                    task.cancel()
-            await asyncio.shield(self._release())
+            tasks = [t for t in [*self._tasks, self._dispatcher, self._probe] if t is not None]
+            for task in tasks:
+                task.cancel()  # no-op for those done
+            await asyncio.shield(self._release(tasks))
 
-    async def _release(self) -> None:
-        waiting = [t for t in list(self._tasks) + [self._dispatcher, self._probe] if t is not None]
-        if waiting:
-            await asyncio.gather(*waiting, return_exceptions=True)
+    async def _release(self, tasks: list) -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self.store.flush()
         finally:
@@ -442,9 +440,7 @@ class Client:
         try:
             await self._dispatch_loop()
         except Exception as exc:  # a bug must not leave the run waiting forever with nothing in flight
-            what = " ".join(f"{type(exc).__name__}: {exc}".split())
-            self._abort(f"internal error ({what}); finished requests are kept: run the same command again to "
-                        "resume, and please report this")
+            self._internal_error(exc)
 
     async def _dispatch_loop(self) -> None:
         while not self.stopped:
@@ -482,10 +478,15 @@ class Client:
             self._interrupt(job, "cancelled in flight by the stop (it may have been paid; a rerun sends it again)")
             raise
         except Exception as exc:  # a bug must not leave a caller waiting forever, nor print a traceback
-            what = " ".join(f"{type(exc).__name__}: {exc}".split())
-            self._abort(f"internal error ({what}); finished requests are kept: run the same command again to "
-                        "resume, and please report this")
+            what = self._internal_error(exc)
             self._finish(job, _Outcome(None, Usage(), None, RequestError("internal", what), job.attempts))
+
+    def _internal_error(self, exc: Exception) -> str:
+        """Stop the run for a bug, naming it (one line); returns that name."""
+        what = " ".join(f"{type(exc).__name__}: {exc}".split())
+        self._abort(f"internal error ({what}); finished requests are kept: run the same command again to "
+                    "resume, and please report this")
+        return what
 
     async def _attempt_once(self, job: _Job) -> None:
         job.attempts += 1
