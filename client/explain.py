@@ -173,7 +173,7 @@ async def explain_neuron(client, tokens: list[list[str]], values: list[list[int]
     results = await asyncio.gather(*(client.submit(r) for r in requests))
     for result in results:
         if result.error is not None:
-            if result.error.type == "interrupted":
+            if result.error.stopped:
                 out.interrupted = True
             out.errors.append(f"request failed: {result.error}")
             continue

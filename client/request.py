@@ -133,6 +133,11 @@ class RequestError:
     """The HTTP status, when a reply came."""
     retryable: bool = False
     """Whether another attempt may succeed."""
+    stopped: bool = False
+    """The request did not finish because the run stopped (stop(), Ctrl-C, a refused API key, a spent
+    quota, a pause past the deadline, the caller leaving a stream): it was not dead-lettered, and a
+    rerun sends it again. Its type says why: 'interrupted', or 'auth' / 'quota' for the request whose
+    refusal stopped the run."""
 
     def to_json(self) -> dict:
         """The form written to result files and the dead-letter table."""
@@ -196,8 +201,9 @@ class Result:
     error: RequestError | None = None
     """Why it failed for good (None on success)."""
     source: str = "sent"
-    """'sent' (an HTTP reply this run), 'store' (completed or dead-lettered in an earlier run, no HTTP),
-    or 'shared' (an identical request was in flight at the same time and its reply was reused)."""
+    """'sent' (sent to the server this run), 'store' (completed or dead-lettered in an earlier run, no
+    HTTP), 'shared' (an identical request was in flight at the same time and its outcome was reused),
+    or 'unsent' (the run stopped, or the caller left, before it was sent: not paid)."""
     attempts: int = 0
     """HTTP attempts this run (0 when served from the store or shared)."""
     usage: Usage = field(default_factory=Usage)

@@ -68,7 +68,7 @@ class Stats:
     dead_lettered: int = 0
     """Requests that failed for good this run."""
     interrupted: int = 0
-    """Requests left unfinished by a stop (not dead-lettered: a rerun sends them)."""
+    """Of the failed, results left unfinished by a stop (not dead-lettered: a rerun sends them)."""
     attempts: int = 0
     """HTTP attempts started."""
     retries: Counter = field(default_factory=Counter)
@@ -109,7 +109,7 @@ class _Job:
 
     __slots__ = ("request", "key", "kind", "body", "model", "payload", "chars", "prompt_est", "completion_est",
                  "has_budget", "future", "attempts", "counted", "failures", "first_sent", "sent_at", "was_dead",
-                 "timer", "in_flight", "outage")
+                 "timer", "in_flight", "outage", "waiters")
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -128,6 +128,7 @@ class _Job:
         self.timer: asyncio.TimerHandle | None = None
         self.in_flight = False
         self.outage = False        # waiting after a failure while the server answered nobody
+        self.waiters = 1           # callers waiting for it: when the last leaves, an unsent job is withdrawn
 
     @property
     def tokens_est(self) -> float:
@@ -297,7 +298,15 @@ class Client:
             self._count(started)
             return started
         job, shared = started
-        outcome = await asyncio.shield(job.future)
+        try:
+            outcome = await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            # The caller gave up (a timeout around complete(), a cancelled task): unless another
+            # caller waits for it too, a request not sent yet is withdrawn rather than paid for.
+            self._leave(job, "withdrawn: the caller was cancelled before it was sent")
+            if job.future.done():  # withdrawn (or finished meanwhile): counted, though nobody reads it
+                self._count(self._result(request, job.future.result(), shared))
+            raise
         result = self._result(request, outcome, shared)
         self._count(result)
         return result
@@ -316,19 +325,25 @@ class Client:
     async def stream(self, requests: Iterable[Request], progress: bool = False) -> AsyncIterator[Result]:
         """Yield one Result per request, in completion order. The input is read lazily, a bounded
         number ahead of dispatch, so a generator of millions of requests is fine. After stop() the
-        rest are yielded as 'interrupted'. Raises RunAborted at the end if the run had to stop."""
+        rest are yielded as 'interrupted'. Raises RunAborted at the end if the run had to stop.
+
+        Leaving the loop early (break, an exception, closing the generator) reads no more input and
+        withdraws the requests it fed that are not sent yet (unless another caller waits for the
+        same request); those in flight finish and are stored."""
         self._usable()
         out: deque[Result] = deque()
         has_out = asyncio.Event()
         state = {"pending": 0, "fed": False}
+        waiting: dict[int, _Job] = {}  # jobs fed and not finished, by id(): withdrawn if the caller leaves
 
         def deliver(result: Result) -> None:
             self._count(result)
             out.append(result)
             has_out.set()
 
-        def on_done(request: Request, shared: bool, fut: asyncio.Future) -> None:
+        def on_done(request: Request, job: _Job, shared: bool, fut: asyncio.Future) -> None:
             state["pending"] -= 1
+            waiting.pop(id(job), None)
             deliver(self._result(request, fut.result(), shared))
 
         async def feed() -> None:
@@ -343,7 +358,10 @@ class Client:
                     else:
                         job, shared = started
                         state["pending"] += 1
-                        job.future.add_done_callback(lambda fut, r=request, s=shared: on_done(r, s, fut))
+                        if id(job) in waiting:  # the same request twice in this stream: one waiter is enough
+                            job.waiters -= 1
+                        waiting[id(job)] = job
+                        job.future.add_done_callback(lambda fut, r=request, j=job, s=shared: on_done(r, j, s, fut))
                     if n % 256 == 255:
                         await asyncio.sleep(0)  # store look-ups are synchronous: let replies in
             finally:
@@ -369,6 +387,8 @@ class Client:
         finally:
             if not feeder.done():
                 feeder.cancel()
+            for job in list(waiting.values()):  # empty unless the caller left early
+                self._leave(job, "withdrawn: the caller stopped reading the stream before it was sent")
             if bar is not None:
                 bar.close()
         if self.abort_reason:
@@ -382,6 +402,7 @@ class Client:
         key = request.key
         job = self._jobs.get(key)
         if job is not None:
+            job.waiters += 1
             return job, True
         stored = self.store.get(key)
         if stored is not None:
@@ -391,9 +412,8 @@ class Client:
         if dead is not None and not self.config.retry_dead_letters:
             return Result(request, error=RequestError(dead.error_type, dead.message, dead.status), source="store")
         if self.stopped:
-            self.stats.interrupted += 1
             reason = self.abort_reason or "not sent: the run was stopped"
-            return Result(request, error=RequestError("interrupted", reason))
+            return Result(request, error=RequestError("interrupted", reason, stopped=True), source="unsent")
         job = _Job(request, asyncio.get_running_loop())
         job.was_dead = dead is not None
         self._estimate(job)
@@ -534,7 +554,7 @@ class Client:
             self.limits.on_other()
             self._abort(f"the server refused the request with {reply.status} ({error.message}): the account's "
                         "quota is spent; add credit or raise the limit, then run the same command again to resume")
-            self._interrupt(job, self.abort_reason)
+            self._interrupt(job, self.abort_reason, error.type, reply.status)
             return
         if reply.status == 429:
             self.limits.on_429(reply.headers, job.sent_at)
@@ -551,7 +571,7 @@ class Client:
             self._abort(f"the server refused the request with {reply.status} ({error.message}): "
                         + ("check the API key (OPENAI_API_KEY or --api-key)" if self.config.api_key
                            else "no API key was sent; set OPENAI_API_KEY or pass --api-key"))
-            self._interrupt(job, self.abort_reason)
+            self._interrupt(job, self.abort_reason, error.type, reply.status)
             return
         self._check_pause()
         cause = str(reply.status) if error.type == "http" else error.type
@@ -674,10 +694,31 @@ class Client:
             self.abort_reason = reason
         self.stop(reason=reason)
 
-    def _interrupt(self, job: _Job, message: str) -> None:
+    def _interrupt(self, job: _Job, message: str, type: str = "interrupted", status: int | None = None) -> None:
+        """End `job` unfinished, not dead-lettered (a rerun sends it); `type` 'auth' or 'quota' for the
+        request whose refusal stopped the run."""
         if not job.future.done():
-            self.stats.interrupted += 1
-            self._finish(job, _Outcome(None, Usage(), None, RequestError("interrupted", message), job.attempts))
+            error = RequestError(type, message, status, stopped=True)
+            self._finish(job, _Outcome(None, Usage(), None, error, job.attempts))
+
+    def _leave(self, job: _Job, message: str) -> None:
+        """A caller stopped waiting for `job`: if none waits any more and it is queued or backing off
+        (not in flight, not finished), take it out of the queues and end it unsent."""
+        job.waiters -= 1
+        if job.waiters > 0 or job.in_flight or job.future.done():
+            return
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        self._waiting.discard(job)
+        for queue in (self._fresh, self._retry):
+            try:
+                queue.remove(job)
+            except ValueError:
+                pass
+        if len(self._fresh) < self._watermark:
+            self._room.set()
+        self._interrupt(job, message)
 
     def _finish(self, job: _Job, outcome: _Outcome) -> None:
         if self._jobs.get(job.key) is job:
@@ -689,8 +730,8 @@ class Client:
         if shared:
             return Result(request, raw=outcome.raw, error=outcome.error, source="shared", usage=outcome.usage,
                           cost=0.0 if outcome.cost is not None else None)
-        return Result(request, raw=outcome.raw, error=outcome.error, source="sent", attempts=outcome.attempts,
-                      usage=outcome.usage, cost=outcome.cost)
+        return Result(request, raw=outcome.raw, error=outcome.error, source="sent" if outcome.attempts else "unsent",
+                      attempts=outcome.attempts, usage=outcome.usage, cost=outcome.cost)
 
     def _count(self, result: Result) -> None:
         stats = self.stats
@@ -698,6 +739,7 @@ class Client:
             stats.ok += 1
         else:
             stats.failed += 1
+            stats.interrupted += result.error.stopped
         if result.source == "store":
             stats.from_store += 1
             stats.from_store_failed += result.error is not None

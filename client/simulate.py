@@ -472,7 +472,7 @@ async def _all_at_once(client, opts: SimOptions, explanation: str, which: list[i
         out = outs[i]
         out.requests.append(request.key)
         out.attempts = int(result.error is None)
-        out.interrupted = result.error is not None and result.error.type == "interrupted"
+        out.interrupted = result.error is not None and result.error.stopped
         if values is not None:
             out.values = values[k]
         else:
@@ -489,7 +489,7 @@ async def simulate_written(client, opts: SimOptions, explanation: str, tokens: l
         result = await client.submit(request)
         out.requests.append(request.key)
         if result.error is not None:
-            out.interrupted = result.error.type == "interrupted"
+            out.interrupted = result.error.stopped
             out.error = f"request failed: {result.error}"
             return out
         out.attempts += 1
@@ -585,7 +585,7 @@ async def probe_mode(config, mode: str, model: str, top_logprobs: int = 5) -> st
         result = await client.submit(request)
     if result.error is not None:
         err = result.error
-        if err.type in ("connection", "timeout", "interrupted", "auth") or (err.status or 0) >= 500 or err.status == 429:
+        if err.stopped or err.type in ("connection", "timeout", "interrupted", "auth") or (err.status or 0) >= 500 or err.status == 429:
             raise ModeRefused(f"could not ask {cfg.base_url} what it can do ({err}); check the server and retry")
         return str(err)
     return probe_problem(mode, result.response)

@@ -288,6 +288,67 @@ async def test_a_refused_key_stops_the_run_without_dead_letters(make_server, sto
         assert list(client.store.dead_letters()) == []
 
 
+async def test_the_refused_request_says_auth_and_the_unsent_say_so(make_server, store_path):
+    # The request whose 401 stopped the run carries the server's refusal (typed, with its status), not
+    # a generic interruption; the ones the stop kept from being sent say they were not sent.
+    server = make_server(api_key="right")
+    async with Client(fast_config(server, store_path, api_key="wrong", max_in_flight=1)) as client:
+        results = [await client.complete(r.body) for r in chat_requests(3)]
+    refused, *rest = results
+    assert (refused.error.type, refused.error.status, refused.error.stopped) == ("auth", 401, True)
+    assert refused.source == "sent" and refused.attempts == 1
+    assert all(r.error.type == "interrupted" and r.error.stopped and r.source == "unsent" for r in rest)
+    assert client.stats.interrupted == 3 and client.stats.failed == 3 and client.stats.dead_lettered == 0
+
+
+async def test_leaving_a_stream_early_withdraws_what_was_not_sent(make_server, store_path):
+    # 10 requests a second: after the caller breaks out, the ~300 fed but not yet sent must not be sent
+    # (nor paid) in the background while the Client stays open; a rerun sends them, each once.
+    server = make_server(latency_ms=5)
+    requests = chat_requests(300)
+    async with Client(fast_config(server, store_path, rpm=600)) as client:
+        got = []
+        async for result in client.stream(requests):
+            got.append(result)
+            if len(got) == 3:
+                break
+        await asyncio.sleep(0.2)       # the generator is closed by the loop once it is dropped
+        attempts = client.stats.attempts
+        await asyncio.sleep(1.5)       # ~15 more would have been sent by now
+        assert client.stats.attempts == attempts < 20
+        assert client.stats.interrupted >= 250
+        # The Client is still usable, and what was withdrawn is not stored as failed.
+        assert (await client.complete(requests[-1].body)).ok
+    assert list(RequestStore(store_path).dead_letters()) == []
+    async with Client(fast_config(server, store_path)) as client:
+        again = await client.run_many(requests)
+    assert all(r.ok for r in again) and served_once(server, requests)
+
+
+async def test_a_request_shared_with_a_stream_is_not_withdrawn_when_the_stream_is_left(make_server, store_path):
+    server = make_server(latency_ms=5)
+    requests = chat_requests(100)
+    async with Client(fast_config(server, store_path, rpm=600)) as client:
+        stream = client.stream(requests)
+        first = await anext(stream)
+        waiter = asyncio.ensure_future(client.submit(requests[-1]))   # the last request, also in the stream
+        await asyncio.sleep(0)
+        await stream.aclose()
+        result = await asyncio.wait_for(waiter, 30)
+    assert first.ok and result.ok and result.source == "shared"
+
+
+async def test_a_cancelled_complete_withdraws_its_request_if_unsent(make_server, store_path):
+    server = make_server(latency_ms=5)
+    async with Client(fast_config(server, store_path, rpm=60)) as client:   # one a second
+        assert (await client.complete(chat_requests(1, "a")[0].body)).ok
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.complete(chat_requests(1, "b")[0].body), 0.05)
+        await asyncio.sleep(1.5)
+        assert client.stats.attempts == 1 and client.stats.interrupted == 1
+    assert server.snapshot()["received"] == 1
+
+
 async def test_a_spent_quota_stops_the_run_at_once(make_server, store_path):
     # OpenAI answers 429 insufficient_quota when the account has no credit: no wait makes it pass.
     def responder(kind, body):
