@@ -70,7 +70,7 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # an error at the line's end is in this line
             except json.JSONDecodeError as exc:
                 where = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg  # "Invalid control character at"
                 raise UserError(f"{path}:{lineno}: not valid JSON ({where} at column {exc.colno})") from None

@@ -287,7 +287,9 @@ def _check_identity(path: Path, identity: dict, new_local: str | None = None) ->
     # The dtype before the weights: weights loaded in another dtype have another fingerprint.
     checks = [("model", without_weights(old.get("model")), without_weights(identity["model"])),
               ("dtype", old.get("dtype"), identity["dtype"])]
-    checks += [(key, old.get(key), identity[key]) for key in ("model", "bos", "corpus", "spec")]
+    # The spec before the corpus: a changed --excerpt-len also changes the corpus's token hash, and
+    # the flag is what the user can act on.
+    checks += [(key, old.get(key), identity[key]) for key in ("model", "bos", "spec", "corpus")]
     for key, have, want in checks:
         if have != want:
             if isinstance(have, dict) and isinstance(want, dict):
@@ -753,6 +755,7 @@ def _record_locked(cfg, log, out, t_start, lm, corpus, tokenizer, spec, identity
     negatives = spec.negatives
     act_dtype = dtype
     progress = _check_identity(out, identity, lm.identity.get("local_dir"))
+    st.check_recorded(out, int(progress["excerpts_done"]))
     st.discard_uncommitted(out)
 
     start = int(progress["excerpts_done"])

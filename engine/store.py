@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import functools
+import json
 import math
 import os
 import shutil
@@ -316,6 +317,25 @@ _ALL = ("top_max top_ids top_acts neg_min neg_ids neg_acts random_acts prefix_ma
         "quant_ids quant_prio quant_acts hist hist_range moments amin amax n_positive").split()
 
 
+def check_recorded(path: Path, done: int) -> None:
+    """UserError (damaged) unless the tokens of excerpts [0, done) and the vocabulary are all in
+    place: a resumed or complete recording does not write them again, and a reader needs them. A
+    stat per tokens chunk file, and the vocabulary read whole (small)."""
+    try:
+        root = _open_root(path, "r")
+        tokens = root["tokens"]
+        rows = tokens.metadata.chunk_grid.chunk_shape[0]
+        for r in range(-(-done // rows)):
+            key = tokens.metadata.encode_chunk_key((r, 0))
+            if not (Path(path) / "tokens" / key).is_file():
+                raise FileNotFoundError(f"the tokens of excerpts {r * rows}..{min(done, (r + 1) * rows) - 1} "
+                                        f"(chunk file tokens/{key}) are missing")
+        for name in ("vocab/bytes", "vocab/offsets"):
+            np.asarray(_checked(root[name])[...])
+    except _DAMAGE as exc:
+        raise _damaged(path, exc) from None
+
+
 def discard_uncommitted(path: Path) -> None:
     """Remove checkpoint generations that were written but never committed (a killed run)."""
     keep = _committed_name(_open_root(path, "r"))
@@ -400,7 +420,7 @@ class NeuronRecord:
     @property
     def histogram_edges(self) -> list[float]:
         lo, hi = self.histogram_range
-        return list(np.linspace(lo, hi, len(self.histogram) - 1))
+        return [float(v) for v in np.linspace(lo, hi, len(self.histogram) - 1)]
 
     def split(self, name: str) -> Split:
         """The top and random excerpts of split `name` (one of SPLITS); splits are disjoint."""
@@ -561,6 +581,23 @@ def _index(value, what: str) -> int:
     return int(value)
 
 
+def _foreign(path: Path) -> str | None:
+    """Why `path`'s zarr.json is not a Zarr group's (a Zarr array, or not Zarr metadata at all), or
+    None when it is one or cannot be parsed (cut short: maybe a damaged store of ours)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict):
+        return "its zarr.json is not Zarr metadata"
+    kind = meta.get("node_type")
+    if kind == "array":
+        return "it is a Zarr array"
+    if kind != "group" or meta.get("zarr_format") != 3:
+        return "its zarr.json is not Zarr v3 group metadata"
+    return None
+
+
 class Store:
     """A recorded run, opened read-only. Use `open_store(path)`."""
 
@@ -568,6 +605,9 @@ class Store:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise UserError(f"'{path}' is not a neuronatlas store (no zarr.json); record one with neuronatlas record")
+        why = _foreign(self.path)
+        if why:
+            raise UserError(f"'{path}' is not a neuronatlas store ({why})")
         try:
             self._root = _open_root(self.path, "r")
             attrs = dict(self._root.attrs)
@@ -588,6 +628,29 @@ class Store:
         """The progress of the checkpoint this Store reads (newer after a recording replaced it)."""
         self._layers: dict[int, object] = {}
         self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        # Pickled as its path (to hand a store to worker processes): opened again on arrival.
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def _layer_number(self, layer) -> int:
+        """`layer` checked, a negative one counted from the last."""
+        layer, n = _index(layer, "layer"), self.n_layers
+        if not -n <= layer < n:
+            raise UserError(f"layer {layer} out of range: the store has layers 0..{n - 1}")
+        return layer % n
+
+    def _neuron_number(self, layer: int, index) -> int:
+        """`index` in (checked) `layer`, checked, a negative one counted from the last."""
+        index, n = _index(index, "neuron"), self.n_neurons[layer]
+        if not -n <= index < n:
+            raise UserError(f"neuron {index} out of range: layer {layer} has "
+                            + (f"neurons 0..{n - 1}" if n else "no neurons (a layer missing from the records "
+                               "this store was imported from)" if self.run.get("imported") else "no neurons"))
+        return index % n
 
     # -- reading while a recording writes ----------------------------------------------------
     def _whole_read(self, method, args, kwargs):
@@ -689,9 +752,7 @@ class Store:
 
     @_guarded
     def _layer(self, layer: int):
-        layer = _index(layer, "layer")
-        if not 0 <= layer < self.n_layers:
-            raise UserError(f"layer {layer} out of range: the store has layers 0..{self.n_layers - 1}")
+        layer = self._layer_number(layer)
         self._local.touched = True
         if layer not in self._layers:
             self._layers[layer] = _OpenLayer(self._checkpoint()[f"layers/{layer:03d}"])
@@ -711,14 +772,10 @@ class Store:
 
     @_guarded
     def neuron(self, layer: int, index: int) -> NeuronRecord:
-        """The record of neuron `index` of `layer`."""
-        layer, index = _index(layer, "layer"), _index(index, "neuron")
+        """The record of neuron `index` of `layer` (negative numbers count from the last, as in a list)."""
+        layer = self._layer_number(layer)
+        index = self._neuron_number(layer, index)
         g = self._layer(layer)
-        n = self.n_neurons[layer]
-        if not 0 <= index < n:
-            raise UserError(f"neuron {index} out of range: layer {layer} has "
-                            + (f"neurons 0..{n - 1}" if n else "no neurons (a layer missing from the records "
-                               "this store was imported from)" if self.run.get("imported") else "no neurons"))
         count = int(g.attrs["count"])
         stats = _moment_stats(g, count, slice(index, index + 1))
         negatives = "neg_ids" in g
@@ -748,7 +805,8 @@ class Store:
 
     @_guarded
     def layer_summary(self, layer: int) -> dict[str, np.ndarray]:
-        """Per-neuron scalars of a layer (max, min, mean, variance, frac_positive, ...)."""
+        """Per-neuron scalars of a layer (max, min, mean, variance, frac_positive, ...); a negative
+        layer counts from the last."""
         g = self._layer(layer)
         count = int(g.attrs["count"])
         out = _moment_stats(g, count, slice(None))
@@ -770,11 +828,8 @@ class Store:
         range."""
         from client.results import reader_view
 
-        layer, index = _index(layer, "layer"), _index(index, "neuron")
-        if not 0 <= layer < self.n_layers:
-            raise UserError(f"layer {layer} out of range: the store has layers 0..{self.n_layers - 1}")
-        if not 0 <= index < self.n_neurons[layer]:
-            raise UserError(f"neuron {index} out of range: layer {layer} has {self.n_neurons[layer]} neurons")
+        layer = self._layer_number(layer)
+        index = self._neuron_number(layer, index)
         out = []
         for group in self._results_groups():
             rec = group.read(layer, index)

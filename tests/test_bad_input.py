@@ -139,6 +139,11 @@ def test_store_of_another_run_is_refused_and_untouched(capsys, tmp_path, tiny_mo
     line = expect_error(capsys, "(dtype: store has 'float32', asked 'bfloat16')", "--model", tiny_models["gpt2"],
                         "--corpus", corpus_file, "--out", out, "--max-excerpts", 40, "--top-k", 3, "--dtype", "bfloat16")
     assert "weights" not in line
+    # Another excerpt length is named as such, not as the corpus token hash it also changes.
+    line = expect_error(capsys, "(spec.excerpt_len: store has 12, asked 8", "--model", tiny_models["gpt2"],
+                        "--corpus", corpus_file, "--out", out, "--max-excerpts", 40, "--top-k", 3,
+                        "--excerpt-len", 8)
+    assert "sha256" not in line
     assert tree_digest(out) == before
     # The same command again finds the run complete and changes nothing.
     rc, _ = run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", out,
@@ -206,6 +211,31 @@ def test_info_and_reader_errors(capsys, tmp_path, tiny_models, corpus_file):
         s.tokens(10**6)
     assert s.tokens(-1) == s.tokens(29)
     assert s.token_ids[29].shape == (12,) and np.asarray(s.token_ids).shape == (30, 12)
+    # Negative layers and neurons count from the last, as tokens(-1) does.
+    last = s.neuron(-1, -1)
+    top = s.n_layers - 1
+    assert (last.neuron_id.layer_index, last.neuron_id.neuron_index) == (top, 47)
+    assert last.mean == s.neuron(top, 47).mean and last.max == s.neuron(top, 47).max
+    assert np.array_equal(s.layer_summary(-s.n_layers)["max"], s.layer_summary(0)["max"])
+    with pytest.raises(UserError, match="neuron -49 out of range"):
+        s.neuron(0, -49)
+    with pytest.raises(UserError, match=f"layer {-s.n_layers - 1} out of range"):
+        s.layer_summary(-s.n_layers - 1)
+    assert all(type(e) is float for e in last.histogram_edges)
+    # A store pickles as its path (handed to worker processes) and reads the same on arrival.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(s))
+    assert again.path == s.path and again.neuron(0, 5) == s.neuron(0, 5)
+    # Zarr data of another kind is "not a neuronatlas store", not a damaged one.
+    import zarr
+
+    zarr.open_array(str(tmp_path / "arr.zarr"), mode="w", shape=(3,), dtype="i4")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "zarr.json").write_text("[1, 2]")
+    for other, why in (("arr.zarr", "it is a Zarr array"), ("list", "its zarr.json is not Zarr metadata")):
+        with pytest.raises(UserError, match=f"is not a neuronatlas store \\({why}\\)$"):
+            open_store(tmp_path / other)
 
 
 @pytest.mark.parametrize("fault", ["bypassed", "wrong width"])
@@ -270,6 +300,10 @@ def test_unusable_corpora_and_tokenizers(capsys, tmp_path, tiny_models):
     (tmp_path / "bad.jsonl").write_text('{"text": "the cat"}\n{"text": "a\tb\u0001 \x01"}\n')
     expect_error(capsys, "bad.jsonl:2: not valid JSON (Invalid control character at column", *common,
                  "--corpus", tmp_path / "bad.jsonl")
+    # An object cut short: the column is where the line ends, not "column 1" of the next line.
+    (tmp_path / "cut.jsonl").write_text('{"text": "ok"\n')
+    expect_error(capsys, "cut.jsonl:1: not valid JSON (Expecting ',' delimiter at column 14)", *common,
+                 "--corpus", tmp_path / "cut.jsonl")
     # White space only is no text, as blank .jsonl lines are none.
     (tmp_path / "ws.txt").write_text("   \n\n\t  \n")
     expect_error(capsys, "is empty", *common, "--corpus", tmp_path / "ws.txt")
@@ -322,11 +356,13 @@ def test_damaged_stores_are_reported_in_one_line(capsys, tmp_path, tiny_models, 
         assert main(["show", str(bad), "1", "0"]) == 2, damage
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is damaged or incomplete" in err[0], (damage, err)
-    # Resuming from a checkpoint with a chunk gone is refused the same way, not continued from zeros.
-    bad = tmp_path / "bad-top_acts-chunk"
-    rc, lines = run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", bad,
-                    "--max-excerpts", 20)
-    assert rc == 2 and "is damaged or incomplete" in lines[0], lines
+    # Resuming from a checkpoint with a chunk gone is refused the same way, not continued from zeros;
+    # so is a complete store whose token rows are gone (it was "complete, nothing to do").
+    for name in ("bad-top_acts-chunk", "bad-token-chunk"):
+        rc, lines = run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", tmp_path / name,
+                        "--max-excerpts", 20)
+        assert rc == 2 and "is damaged or incomplete" in lines[0], (name, lines)
+    assert "the tokens of excerpts 0..19" in lines[0]
 
 
 def test_a_different_model_at_the_same_path_is_another_run(capsys, tmp_path, tiny_models, corpus_file):
