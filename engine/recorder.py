@@ -604,7 +604,14 @@ def attach(lm: LoadedModel, states: list, spec: ref.ReductionSpec, updates: Upda
         else:
             flags.append(updates.eager(states[i], spec, view, current["batch"]))
 
-    handles = make_hooks(lm, on_layer)
+    hook = on_layer
+    if updates.graph is not None and not updates.graph_counts:
+        # The reference runs outside a compiled graph. With the whole hook outside it too, the
+        # graph breaks at the hook call: traced, the code after the break inside the hook was
+        # guarded on the layer (len(flags)) and recompiled once per layer until dynamo's limit of
+        # 8, after which the rest of the forward pass ran uncompiled.
+        hook = torch.compiler.disable(on_layer)
+    handles = make_hooks(lm, hook)
 
     def detach() -> None:
         for h in handles:

@@ -46,13 +46,17 @@ def make_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-def make_model(arch: str, out: Path, seed: int = 0, texts: list[str] | None = None) -> Path:
-    """Save a random-weight model of `arch` with a small BPE tokenizer into `out`."""
+def make_model(arch: str, out: Path, seed: int = 0, texts: list[str] | None = None, **config) -> Path:
+    """Save a random-weight model of `arch` with a small BPE tokenizer into `out`; `config`
+    overrides fields of its config (n_layer=12, ...)."""
     from transformers import AutoModelForCausalLM
 
     tok = make_tokenizer(texts or corpus_texts())
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(arch, len(tok)))
+    cfg = make_config(arch, len(tok))
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg)
     # Random init gives small activations; scale weights up so that GELU/SiLU see their nonlinear range.
     with torch.no_grad():
         for p in model.parameters():

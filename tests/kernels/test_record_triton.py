@@ -109,6 +109,35 @@ def test_compiled_recording_equals_eager(backend, tiny_models, corpus_file, tmp_
         assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_compiled_reference_recording_of_a_deep_model_compiles_each_frame_a_few_times(corpus_file, tmp_path,
+                                                                                      monkeypatch):
+    # The reference runs outside the graph. Traced, the rest of its hook after the graph break was
+    # guarded on the layer and recompiled once per layer: past dynamo's limit of 8 (any model with
+    # more than 8 layers: GPT-2 has 12) the rest of the forward pass ran uncompiled, with warnings.
+    import logging
+
+    from tests.tiny import make_model
+
+    model = make_model("gpt2", tmp_path / "deep", n_layer=12)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    said: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    catch = Catch()
+    logging.getLogger("torch._dynamo").addHandler(catch)
+    try:
+        got = record(config(model, corpus_file, tmp_path / "s", backend="torch", compile=True, max_excerpts=24,
+                            quantile_prefix=4), log=lambda *_: None)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(catch)
+    assert got.complete and got.layers == 12
+    assert not [m for m in said if "recompile_limit" in m], said
+
+
 def test_nonfinite_activation_names_layer_and_batch(tiny_models, corpus_file, tmp_path):
     from engine.models import load_model
 
