@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from client import prompts
 from client.request import Request
+from client.results import LONE_SURROGATE
 
 
 @dataclass
@@ -139,10 +140,13 @@ def parse_explanation(reply: dict) -> str:
     if choice.get("finish_reason") == "length" and len(lines) == 1 and not content.rstrip(" \t").endswith("\n"):
         raise BadExplanation(f"the explanation was cut off at --max-tokens: {content.strip()[:80]!r} "
                              "(raise --max-tokens)")
-    line = lines[0].strip()
+    # A lone surrogate ("\\ud800" in the JSON: half a character) cannot be written as UTF-8 nor sent
+    # to a simulator: U+FFFD, as in a corpus.
+    line = LONE_SURROGATE.sub("\ufffd", lines[0]).strip()
     if _REFUSAL.match(line):
         raise BadExplanation(f"the explainer refused: {line[:120]!r}")
     text = _unwrap(_plain(_PREFIX.sub("", _unwrap(_plain(line)))))
+    text = _unwrap(text.rstrip("."))  # '"the token cat".': the quotes go too
     text = " ".join(text.rstrip(".").split())
     if not text:
         raise BadExplanation(f"the explainer's reply holds no explanation: {content.strip()[:120]!r}")

@@ -19,8 +19,8 @@ import hashlib
 import json
 import math
 import os
-import threading
 import re
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -62,12 +62,18 @@ def group_key(explainer: str, simulator: str, prompt_version: str) -> str:
     return readable
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def json_safe(value):
-    """JSON-safe: NaN and infinities become None (undefined), never a number."""
+    """JSON-safe: NaN and infinities become None (undefined), never a number; a lone surrogate (a
+    reply's "\\ud800": half a character, not encodable as UTF-8) becomes U+FFFD."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value

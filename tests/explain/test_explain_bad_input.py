@@ -101,6 +101,19 @@ def test_an_empty_or_refusing_explainer_is_a_recorded_failure(store, fake_server
         assert r["score"] is None and r["explanation"] is None
 
 
+def test_an_explanation_with_half_a_character_is_recorded_and_simulated(store, fake_server, cli):
+    # A lone surrogate ("\\ud800" in the reply's JSON) could be neither written as UTF-8 nor sent to
+    # the simulator: the neuron failed with a traceback's message on every rerun (the reply stored).
+    with fake_server(explain=lambda tokens, values: "the token \ud800 cat") as (server, fake):
+        rc, _, err = cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))
+        assert rc == 0, err
+        rc, _, err = cli("simulate", store, *SELECT, *_flags(server))
+        assert rc == 0, err
+    for i in range(8):
+        (r,) = open_store(store).explanations(0, i)
+        assert r["explanation"] == "the token \ufffd cat" and r["status"] == "simulated"
+
+
 def test_some_neurons_failing_do_not_stop_the_others(store, fake_server, cli):
     calls = []
 

@@ -94,6 +94,9 @@ def _reply(content, refusal=None):
     ("Answer: **numbers in lists**", "numbers in lists"),
     ("__init__ methods of classes", "__init__ methods of classes"),
     ("_private_ names", "_private_ names"),
+    ('Explanation: "the token cat".', "the token cat"),   # quotes, then the period outside them
+    ('the token "cat".', 'the token "cat"'),
+    ("\ud800 lone surrogate", "\ufffd lone surrogate"),  # half a character: no UTF-8, no simulator prompt
 ])
 def test_explanations_are_cleaned(content, expected):
     assert parse_explanation(_reply(content)) == expected
