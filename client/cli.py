@@ -56,6 +56,8 @@ def register(sub) -> None:
                    help="request store (SQLite) (default: $NEURONATLAS_STORE or OUT.requests.sqlite)")
     p.add_argument("--retry-dead", action="store_true",
                    help="send requests again that an earlier run dead-lettered (default: report their error)")
+    p.add_argument("--max-cost", type=float, default=None, metavar="USD",
+                   help="stop sending before this run's spending (by --prices) could pass this many USD")
     _add_client_flags(p)
     p.set_defaults(func=batch_command)
 
@@ -98,7 +100,8 @@ def client_config(args, store_path: str, retry_dead: bool, check: bool = True):
     config = ClientConfig.from_env(
         base_url=args.base_url, api_key=args.api_key, rpm=args.rpm, tpm=args.tpm, max_in_flight=args.max_in_flight,
         timeout_s=args.timeout, deadline_s=args.deadline, max_attempts=args.max_attempts, store_path=store_path,
-        durable=not args.no_fsync, retry_dead_letters=retry_dead, prices=prices)
+        durable=not args.no_fsync, retry_dead_letters=retry_dead, prices=prices,
+        max_cost=getattr(args, "max_cost", None))
     problems = config.problems()
     if problems and check:
         raise _user_error(problems[0])

@@ -53,6 +53,10 @@ class ClientConfig:
     """Send requests again that an earlier run dead-lettered (default: report their stored error)."""
     prices: PriceTable = field(default_factory=PriceTable)
     """USD per million tokens by model, for the cost figures."""
+    max_cost: float | None = None
+    """USD this run may spend (by `prices`): no request is sent once what was spent plus the cost of
+    the requests in flight and of the next one (prompt estimated, completion at its max_tokens)
+    would pass it; the run then stops, as interrupted. None: no ceiling. Unpriced models cost 0."""
     extra_headers: dict[str, str] = field(default_factory=dict)
     """More HTTP headers on every request (e.g. OpenAI-Organization)."""
     seed: int | None = None
@@ -96,6 +100,8 @@ class ClientConfig:
         for flag, value in (("--max-in-flight", self.max_in_flight), ("--max-attempts", self.max_attempts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 out.append(f"{flag} must be at least 1, not {value!r}")
+        if self.max_cost is not None and not (number(self.max_cost) and 0 <= self.max_cost < math.inf):
+            out.append(f"--max-cost must be a finite number of USD, 0 or more, not {self.max_cost!r}")
         for flag, value in (("--timeout", self.timeout_s), ("--deadline", self.deadline_s)):
             if not (number(value) and 0 < value < math.inf):
                 out.append(f"{flag} must be a positive number of seconds, not {value!r}")

@@ -39,7 +39,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    "such neurons refuse the run, so that results made with different options do not mix)")
     g.add_argument("--dry-run", action="store_true", help="print the selection and the cost estimate, then exit")
     g.add_argument("--max-cost", type=float, default=None, metavar="USD",
-                   help="refuse to start when the estimated cost is above this")
+                   help="refuse to start when the estimated cost is above this, and stop sending before this "
+                   "run's spending could pass it")
     g.add_argument("--concurrency", type=int, default=None, help="neurons worked on at once (default: --max-in-flight)")
     g.add_argument("--allow-incomplete", action="store_true", help="work on the last checkpoint of an unfinished recording")
 

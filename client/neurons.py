@@ -149,7 +149,7 @@ class Estimate:
                 f"~{human(self.prompt_tokens)} prompt tokens + <= {human(self.completion_tokens)} completion tokens")
         if self.cost is None:
             return what + f"; cost unknown ({self.model} has no price: add it with --prices)"
-        return what + f"; estimated cost {money(self.cost)} (at most)"
+        return what + f"; estimated cost {money(self.cost)} (prompts at ~4 characters a token)"
 
 
 def estimate(stage: str, model: str, neurons: int, sample_bodies: list[tuple[str, dict]], per_neuron: float,

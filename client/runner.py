@@ -109,7 +109,7 @@ class _Job:
 
     __slots__ = ("request", "key", "kind", "body", "model", "payload", "chars", "prompt_est", "completion_est",
                  "has_budget", "future", "attempts", "counted", "failures", "first_sent", "sent_at", "was_dead",
-                 "timer", "in_flight", "outage", "waiters")
+                 "timer", "in_flight", "outage", "waiters", "cost_est")
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -129,6 +129,7 @@ class _Job:
         self.in_flight = False
         self.outage = False        # waiting after a failure while the server answered nobody
         self.waiters = 1           # callers waiting for it: when the last leaves, an unsent job is withdrawn
+        self.cost_est = 0.0        # USD this attempt may cost at most (for max_cost), while in flight
 
     @property
     def tokens_est(self) -> float:
@@ -165,6 +166,7 @@ class Client:
         self.store: RequestStore | NullStore = NullStore()
         self.stopped = False
         self.abort_reason: str | None = None
+        self._in_flight_cost = 0.0  # USD the requests in flight may cost at most (max_cost)
         self._rng = random.Random(config.seed)
         self._jobs: dict[str, _Job] = {}
         self._fresh: deque[_Job] = deque()
@@ -476,6 +478,10 @@ class Client:
             job = self._retry.popleft() if self._retry else self._fresh.popleft()
             if len(self._fresh) < self._watermark:
                 self._room.set()
+            if self.config.max_cost is not None and not self._affordable(job):
+                self.limits.release()
+                self._interrupt(job, self.abort_reason)
+                return
             now = time.monotonic()
             if job.first_sent is None:
                 job.first_sent = now
@@ -491,6 +497,21 @@ class Client:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _affordable(self, job: _Job) -> bool:
+        """Whether sending `job` keeps this run within max_cost even if every request in flight and
+        it cost their most; if not, stops the run saying so. Counts it in flight if it does."""
+        cost = self.config.prices.cost(job.model, Usage(math.ceil(job.prompt_est), math.ceil(job.completion_est)))
+        cost = cost or 0.0
+        spent = self.stats.cost
+        if spent + self._in_flight_cost + cost > self.config.max_cost:
+            self._abort(f"--max-cost ${self.config.max_cost:g} reached: ${spent:.4f} spent and ${self._in_flight_cost:.4f} "
+                        f"in flight, and the next request may cost ${cost:.4f}; replies received are kept: raise "
+                        "--max-cost and run the same command again to continue")
+            return False
+        job.cost_est = cost
+        self._in_flight_cost += cost
+        return True
+
     async def _attempt(self, job: _Job) -> None:
         try:
             await self._attempt_once(job)
@@ -500,6 +521,10 @@ class Client:
         except Exception as exc:  # a bug must not leave a caller waiting forever, nor print a traceback
             what = self._internal_error(exc)
             self._finish(job, _Outcome(None, Usage(), None, RequestError("internal", what), job.attempts))
+        finally:
+            # Held until the attempt's cost, if any, is in stats.cost (after the store's write).
+            self._in_flight_cost -= job.cost_est
+            job.cost_est = 0.0
 
     def _internal_error(self, exc: Exception) -> str:
         """Stop the run for a bug, naming it (one line); returns that name."""

@@ -587,6 +587,28 @@ async def test_tokens_and_cost_are_counted_once_per_paid_reply(make_server, stor
     assert again.stats.cost == 0 and again.stats.prompt_tokens == 0 and again.stats.from_store == 15
 
 
+async def test_max_cost_stops_sending_before_the_spending_could_pass_it(make_server, store_path):
+    # 1,000 USD per million tokens: each request ~10 prompt tokens and 5 of completion at most. With
+    # 512 allowed in flight, all 40 would leave at once; the ceiling must hold them back before.
+    server = make_server(latency_ms=20)
+    prices = PriceTable({"priced": Price(input=1000.0, output=1000.0)})
+    requests = [Request({"model": "priced", "max_tokens": 5, "messages": [{"role": "user", "content": f"x {i}"}]})
+                for i in range(40)]
+    with pytest.raises(RunAborted, match=r"--max-cost \$0.1 reached: .*raise --max-cost and run the same command"):
+        await run(fast_config(server, store_path, prices=prices, max_cost=0.1), requests)
+    import sqlite3
+
+    assert 2 <= len(stored_keys(store_path)) == server.snapshot()["received"] < 40   # nothing sent unstored
+    conn = sqlite3.connect(store_path)
+    spent = conn.execute("SELECT SUM(cost) FROM results").fetchone()[0]          # the first run's spending
+    conn.close()
+    assert 0 < spent <= 0.1
+    client, results = await run(fast_config(server, store_path, prices=prices, max_cost=10.0), requests)
+    assert all(r.ok for r in results) and served_once(server, requests)
+    assert ClientConfig(base_url="http://x", max_cost=float("nan")).problems() == [
+        "--max-cost must be a finite number of USD, 0 or more, not nan"]
+
+
 # -- the Client's life: open once, closed for good, released however it ends ---------------------
 
 async def test_a_closed_or_unopened_client_says_so(make_server, store_path):
