@@ -392,7 +392,8 @@ JS = r"""
     if (h.note) box.appendChild(el("p", { cls: "muted", text: h.note }));
   }
   function scoreText(e) {
-    return (num(e.score) ? "score " + fmt(e.score, 3) : "not scored") + (e.source ? " \u00b7 " + e.source : "");
+    return (num(e.score) ? "score " + fmt(e.score, 3) : e.undefined ? "score undefined (" + e.undefined + ")" : "not scored")
+      + (e.source ? " \u00b7 " + e.source : "");
   }
   function renderNeuron(d) {
     var l = d.layer, n = d.index;

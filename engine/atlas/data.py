@@ -33,6 +33,15 @@ class Explanation:
     """Its score (correlation of simulated and true activations), None when not scored."""
     source: str
     """Where it came from: 'explained by MODEL' (the explain/score commands) or 'imported'."""
+    undefined: str | None = None
+    """Why its score is undefined when it was scored and has none (a constant simulation, ...)."""
+
+    @property
+    def score_text(self) -> str:
+        """'score 0.412', 'score undefined (why)' or 'not scored'."""
+        if self.score is not None:
+            return f"score {self.score:.3f}"
+        return f"score undefined ({self.undefined})" if self.undefined else "not scored"
 
 
 def _num(v) -> float | None:
@@ -54,7 +63,30 @@ def from_store_dict(d: dict) -> Explanation | None:
     if score is None and isinstance(d.get("scored_simulation"), dict):
         score = d["scored_simulation"].get("ev_correlation_score")
     model = d.get("explainer_model")
-    return Explanation(text, _num(score), f"explained by {model}" if model else "store")
+    why = d.get("undefined") if _num(score) is None and d.get("status") == "scored" else None
+    if isinstance(why, dict):  # {"score": "the simulation is constant", ...}
+        why = why.get("score") or next((v for v in why.values() if isinstance(v, str)), None)
+    why = why if isinstance(why, str) and why.strip() else ("no reason given" if why is not None else None)
+    return Explanation(text, _num(score), f"explained by {model}" if model else "store", why)
+
+
+def notes(store, layer: int, index: int) -> list[str]:
+    """One line per results group that has no explanation of this neuron to show and says why: a
+    stage that failed ('explain failed (explainer M): message', as the explain / simulate commands
+    wrote it), or a neuron that never fires where the explainer looks."""
+    out = []
+    for d in store.explanations(layer, index):
+        if d.get("status") == "never_fires":
+            out.append(f"not explained (explainer {d.get('explainer_model')}): it never fires above 0 in the "
+                       "excerpts the explainer is shown")
+        if d.get("status") != "failed":
+            continue
+        error = d.get("error") if isinstance(d.get("error"), dict) else {}
+        stage = error.get("stage") if isinstance(error.get("stage"), str) else "a stage"
+        message = error.get("message") if isinstance(error.get("message"), str) else "no message"
+        who = (f"simulator {d.get('simulator_model')}" if stage == "simulate" else f"explainer {d.get('explainer_model')}")
+        out.append(f"{stage} failed ({who}): {message}")
+    return out
 
 
 class BadExplanations(ValueError):

@@ -190,9 +190,12 @@ def render(store, layer: int, index: int, mode: str = "none", width: int = 100, 
                    f"({sum(h):,} excerpts; {h[0]} below, {h[-1]} above)")
     if expls:
         for e in sorted(expls, key=lambda e: -(e.score if e.score is not None else -math.inf))[:3]:
-            score = f"score {e.score:.3f}" if e.score is not None else "not scored"
-            out.append(f"  explanation: {clean_token(e.text, True)} ({score}, {clean_token(e.source, True)})")
-    else:
+            out.append(f"  explanation: {clean_token(e.text, True)} ({clean_token(e.score_text, True)}, "
+                       f"{clean_token(e.source, True)})")
+    failed = data.notes(store, layer, index)
+    for line in failed[:3]:
+        out.append(f"  {clean_token(line, True)}")
+    if not expls and not failed:
         out.append("  no explanation yet")
     if mode != "none":
         out.append(f"  shading: green to {_fmt(pos)}" + (f", blue to {_fmt(-neg)}" if neg > 0 else ""))

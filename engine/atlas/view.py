@@ -105,7 +105,8 @@ def neuron_payload(store, layer: int, index: int, limits: dict) -> tuple[dict, l
         "hist": {"counts": [int(c) for c in rec.histogram], "lo": _r(rec.histogram_range[0]),
                  "hi": _r(rec.histogram_range[1]),
                  "note": store.run.get("imported", {}).get("histogram_note")},
-        "explanations": [{"text": e.text, "score": _r(e.score), "source": e.source} for e in expls],
+        "explanations": [{"text": e.text, "score": _r(e.score), "source": e.source, "undefined": e.undefined}
+                         for e in expls],
         "strings": list(strings),
         "sections": sections,
         # One scale for both signs (as in `show`): GELU's small dip stays faint.

@@ -296,6 +296,36 @@ def test_store_explanations_are_shown_and_exported(imported_store, tmp_path, mon
     assert line["dataclass_name"] == "NeuronSimulationResults"
 
 
+def test_show_and_view_say_undefined_failed_and_never_fires(imported_store, monkeypatch, capsys):
+    """A scored explanation whose score is undefined says so (not 'not scored'); a neuron whose
+    explain or simulate stage failed shows the error, one that never fires says that."""
+    from engine.atlas import view
+    from engine.store import Store
+
+    own = {(2, 3): [{"explanation": "the token tree", "score": None, "status": "scored", "explainer_model": "e",
+                     "undefined": {"score": "the simulation is constant"}},
+                    {"explanation": "not yet", "score": None, "status": "simulated", "explainer_model": "e2"},
+                    {"explanation": None, "score": None, "status": "failed", "explainer_model": "e3",
+                     "error": {"stage": "explain", "message": "the explainer's reply is empty"}},
+                    {"explanation": "x", "score": None, "status": "failed", "explainer_model": "e", "simulator_model": "s",
+                     "error": {"stage": "simulate", "message": "values do not line up"}}],
+           (2, 2): [{"explanation": None, "score": None, "status": "never_fires", "explainer_model": "e"}]}
+    monkeypatch.setattr(Store, "explanations", lambda self, layer, index: own.get((layer, index), []))
+    assert main(["show", str(imported_store), "2", "3", "--color", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "explanation: the token tree (score undefined (the simulation is constant), explained by e)" in out
+    assert "explanation: not yet (not scored, explained by e2)" in out
+    assert "explain failed (explainer e3): the explainer's reply is empty" in out
+    assert "simulate failed (simulator s): values do not line up" in out and "no explanation yet" not in out
+    assert main(["show", str(imported_store), "2", "2", "--color", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "not explained (explainer e): it never fires above 0" in out and "no explanation yet" not in out
+    payload, _ = view.neuron_payload(open_store(imported_store), 2, 3, {"top": 1, "random": 1, "per_quantile": 1,
+                                                                       "negative": 1})
+    (tree,) = [e for e in payload["explanations"] if e["text"] == "the token tree"]
+    assert tree["undefined"] == "the simulation is constant" and tree["score"] is None
+
+
 def test_import_checks_explanation_files_against_records(published_dir, tmp_path, capsys):
     """An explanation file whose neuron_id disagrees with its path is refused; one for a neuron
     without a record is left out and said so, never counted as imported."""
