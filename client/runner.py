@@ -693,7 +693,7 @@ class Client:
             why = "attempts" if job.counted >= self.config.max_attempts else "deadline"
             error = RequestError(error.type, f"gave up after {job.attempts} attempts in {elapsed:.0f} s "
                                  f"({'max attempts' if why == 'attempts' else 'deadline'}): {error.message}",
-                                 error.status)
+                                 error.status, retryable=True)  # transient: a later run may succeed
         try:
             await self.store.put_dead(job.key, job.kind, job.body, error.type, error.status, error.message,
                                       job.attempts)

@@ -188,6 +188,22 @@ def test_a_server_that_cannot_do_the_forced_mode_is_refused_before_any_request(s
         assert rc == 0 and "mode chat-logprobs" in err
 
 
+def test_a_mode_probe_that_fails_for_a_passing_reason_stops_auto_instead_of_skipping_the_mode(store, fake_server,
+                                                                                              cli):
+    # A gateway's 200 wrapping an upstream error is retried, then given up: that says nothing of
+    # whether the server can echo, so auto must not move on to another mode (and mix modes in a group).
+    with fake_server() as (server, fake):
+        assert cli("explain", store, "--explainer-model", "m", *SELECT, *_flags(server))[0] == 0
+
+        def responder(kind, body):
+            return {"error": {"message": "overloaded inside 200"}} if kind == "completion" else fake(kind, body)
+
+        server.call(lambda: setattr(server.server, "responder", responder))
+        rc, _, err = cli("simulate", store, "--max-attempts", "2", *SELECT, *_flags(server))
+        _one_error_line(rc, err, "could not ask", "overloaded inside 200")
+        assert fake.calls["simulate-chat"] == 0
+
+
 def test_top_and_score_on_a_store_without_explanations(store, cli):
     _one_error_line(*cli("top", store)[::2], "no explanations")
     _one_error_line(*cli("score", store)[::2], "no explanations", "neuronatlas explain")
