@@ -378,17 +378,20 @@ def parse_chat_logprobs(reply: dict, n: int) -> list[float]:
     for t in tokens:
         starts.append(pos)
         pos += len(t)
+    def alternatives(e: dict) -> list:
+        # The token's top_logprobs, or (none given) the token itself at its logprob. Anything else
+        # is a malformed reply, never read as "the chosen token, certain".
+        tops = e.get("top_logprobs")
+        if tops is not None and (not isinstance(tops, list) or not all(isinstance(a, dict) for a in tops)):
+            raise SimulationError(f"the reply's top_logprobs of token {e.get('token')!r} are not a list of objects")
+        return [(a.get("token"), a.get("logprob")) for a in tops or []] or [(e.get("token"), e.get("logprob"))]
+
     values = []
     for slot, (_, off) in enumerate(parsed):
         i = bisect.bisect_right(starts, off) - 1
         e = entries[i]
-        alts = [(a.get("token"), a.get("logprob")) for a in e.get("top_logprobs") or [] if isinstance(a, dict)]
-        if not alts:
-            alts = [(e.get("token"), e.get("logprob"))]
-        following = None
-        if i + 1 < len(entries) and isinstance(entries[i + 1], dict):
-            following = [(a.get("token"), a.get("logprob")) for a in entries[i + 1].get("top_logprobs") or []
-                         if isinstance(a, dict)] or [(entries[i + 1].get("token"), entries[i + 1].get("logprob"))]
+        alts = alternatives(e)
+        following = alternatives(entries[i + 1]) if i + 1 < len(entries) else None
         try:
             values.append(expected_value(alts, text[starts[i]:off], chosen=e.get("token"), following=following))
         except SimulationError as exc:

@@ -173,3 +173,22 @@ def test_alternatives_that_are_no_values_or_no_logprobs():
     # -inf is probability 0; a positive rounding error is probability 1.
     assert sim.expected_value([("7", float("-inf")), ("3", -1.0)]) == 3.0
     assert sim.expected_value([("7", 1e-6), ("3", float("-inf"))]) == 7.0
+
+
+def test_chat_logprobs_that_are_not_a_list_are_malformed_not_certain():
+    """A top_logprobs that is not a list of objects (a string, a number) was read as "no
+    alternatives given": the chosen token at probability 1, a silently different simulation."""
+    def reply(tops):
+        toks = ["1", "\t", "7", "\n"]
+        content = [{"token": t, "logprob": -0.1, "top_logprobs": [{"token": t, "logprob": -0.1}]} for t in toks]
+        content[2]["top_logprobs"] = tops
+        return {"choices": [{"message": {"role": "assistant", "content": "".join(toks)},
+                             "logprobs": {"content": content}}]}
+
+    good = [{"token": "7", "logprob": -0.1}, {"token": "3", "logprob": -2.5}]
+    assert sim.parse_chat_logprobs(reply(good), 1)[0] == pytest.approx(sim.expected_value(
+        [("7", -0.1), ("3", -2.5)]))
+    assert sim.parse_chat_logprobs(reply(None), 1) == [7.0]          # none given: the token itself
+    for bad in ("garbage", 5, [1, 2], {"token": "7"}):
+        with pytest.raises(sim.SimulationError, match="top_logprobs of token '7' are not a list"):
+            sim.parse_chat_logprobs(reply(bad), 1)
