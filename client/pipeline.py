@@ -438,6 +438,8 @@ class StageReport:
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     interrupted: bool = False
+    cancelled: int = 0
+    """Requests in flight that a second Ctrl-C cancelled (maybe paid; a rerun sends them again)."""
     failed_before: int = 0
     """Of the neurons done already, those whose failure is this stage's (an earlier run's)."""
     failed_earlier: int = 0
@@ -751,7 +753,9 @@ async def _network_stage(stage, store, group, todo, settings: RunSettings, confi
         raise UserError(client.abort_reason)
     if report.interrupted or report.outcomes["pending"]:
         say(f"{stage}: interrupted: run the same command again to finish; replies already received are in "
-            f"{config.store_path} and will not be paid for again")
+            f"{config.store_path} and will not be paid for again"
+            + (f"; the {report.cancelled:,} requests cancelled in flight may have been paid, and are sent again"
+               if report.cancelled else ""))
         return 130
     return report.exit_status
 
@@ -772,6 +776,7 @@ async def _workers(stage: str, ctx: Context, todo, report: StageReport) -> None:
             client.stop()
             progress.write(f"{stage}: interrupted: finishing the requests in flight (Ctrl-C again cancels them)")
         else:
+            report.cancelled += client.in_flight
             client.stop(cancel_in_flight=True)
 
     signals = [signal.SIGINT, signal.SIGTERM] if threading.current_thread() is threading.main_thread() else []

@@ -134,7 +134,7 @@ def summary(client, elapsed_s: float, label: str = "batch") -> str:
         out[0] += f" ({', '.join(sources)})"
     out[0] += f", {human(s.failed - s.interrupted)} failed"  # the interrupted are counted apart, below
     if s.from_store_failed:
-        out[0] += f" ({human(s.from_store_failed)} dead-lettered by an earlier run, not sent again)"
+        out[0] += f" ({human(s.from_store_failed)} dead-lettered earlier, not sent again)"
     out[0] += "."
     if s.dead_lettered:
         top = "; ".join(f"{n} x {msg}" for msg, n in s.errors.most_common(3))

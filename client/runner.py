@@ -60,7 +60,7 @@ class Stats:
     from_store: int = 0
     """Results answered from the store without HTTP (completed or dead-lettered earlier)."""
     from_store_failed: int = 0
-    """Of those, the ones dead-lettered by an earlier run (not resent)."""
+    """Of those, the ones dead-lettered earlier (by an earlier run, or this one for an identical request; not resent)."""
     shared: int = 0
     """Results that reused the reply of an identical request in flight at the same time."""
     sent_ok: int = 0

@@ -120,7 +120,7 @@ def test_failures_are_dead_lettered_listed_and_retried(make_server, tmp_path, ca
     received = server.snapshot()["received"]
     assert cli.main(batch_args(server, tmp_path, "--store", store)) == 1   # a rerun reports, does not resend
     assert server.snapshot()["received"] == received
-    assert (": 0 completed, 5 failed (5 dead-lettered by an earlier run, not sent again)."
+    assert (": 0 completed, 5 failed (5 dead-lettered earlier, not sent again)."
             in capsys.readouterr().err)
 
     ignore["on"] = False

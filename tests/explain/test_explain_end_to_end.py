@@ -154,3 +154,22 @@ def test_a_killed_run_resumes_without_paying_twice(recorded_store, store, fake_s
             assert rc == 0, err
         assert cli("score", clean, *SELECT)[0] == 0
     assert _simulations(store) == _simulations(clean)
+
+
+def test_a_second_ctrl_c_says_the_cancelled_requests_may_have_been_paid(store, fake_server, cli):
+    # The first Ctrl-C lets the requests in flight finish; the second cancels them, and those may
+    # have been paid already: the closing line must not promise that nothing is paid again.
+    with fake_server(ServerConfig(latency_ms=3000), tokenizer="words") as (server, fake):
+        rc, _, err = cli("explain", store, "--explainer-model", "fake", *_flags(server))
+        assert rc == 0, err
+        proc = _simulate_process(store, server)
+        deadline = time.monotonic() + 120
+        while server.snapshot()["received"] < 24 + 1 + 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the explanations, the mode probe (echo), then 4 simulation requests in flight
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "the 4 requests cancelled in flight may have been paid, and are sent again" in err, err
