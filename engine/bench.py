@@ -97,6 +97,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, random_weig
     else:
         path, gguf, display = models._resolve(name)
         models._check_exists(path)
+        models._check_hub(name, path, gguf, None)  # offline and not cached: one line at once, no retries
         try:
             config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
         except Exception as exc:  # OSError, ValueError, and whatever a damaged file makes a parser raise
@@ -394,7 +395,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
            "model": {k: lm.identity.get(k) for k in ("name", "architecture", "n_layers", "n_neurons", "n_parameters")},
            "rows": [], "updates": []}
     log(f"{out['model']['name']}: {lm.identity['n_layers']} layers, {sum(lm.n_neurons):,} neurons, "
-        f"{lm.identity['n_parameters'] / 1e6:.0f}M parameters, {out['env']['dtype']} on {out['env']['device']}")
+        f"{_count(lm.identity['n_parameters'])} parameters, {out['env']['dtype']} on {out['env']['device']}")
     for B in cfg.batch_sizes:
         gen = torch.Generator().manual_seed(B)
         pool = [torch.randint(0, vocab, (B, T), generator=gen).to(device) for _ in range(4)]
@@ -496,10 +497,18 @@ def _fmt_rows(rows: list[list[str]]) -> list[str]:
 # CLI
 
 
+def _count(n: int) -> str:
+    """124M, 1.56B, 38.7k: a parameter count in three significant digits."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
+        return [int(x) for x in text.split(",")] if text.strip() else []
+    except ValueError:  # an empty item ("2,,3") too: a typo, not a list of two
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
@@ -583,6 +592,8 @@ def register(sub) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.out is not None and not args.out.strip():
+        raise UserError("--out needs a file name")
     if args.out:
         check_out(args.out)
     result = run(cfg, log=lambda m: print(m, file=sys.stderr))

@@ -103,6 +103,10 @@ class Summary:
     complete: bool
 
     def text(self, path: str) -> str:
+        if self.complete and self.resumed_from >= self.excerpts:  # a rerun of a finished recording
+            return (f"Nothing to do: {path} already holds the complete recording ({self.excerpts:,} excerpts, "
+                    f"{self.tokens:,} tokens, {self.neurons:,} neurons in {self.layers} layers; "
+                    f"{self.store_bytes / 2**20:.1f} MiB).")
         verb = "Recorded" if self.complete else "Stopped after"
         resumed = f" (resumed at excerpt {self.resumed_from:,})" if self.resumed_from else ""
         return (
@@ -726,15 +730,18 @@ def record(cfg: RecordConfig, log=print) -> Summary:
                        torch.empty((), dtype=dtype).element_size(), min(cfg.batch_size, corpus.n_excerpts),
                        lm.identity["d_model"])
     avail = available_bytes(device)
-    log(f"memory: per-neuron state {_fmt_bytes(plan['state'])}, model {_fmt_bytes(plan['model'])}, "
-        f"batch {_fmt_bytes(plan['batch'])} (total {_fmt_bytes(plan['total'])}, {_fmt_bytes(avail)} free on {device})")
     # The model's weights are already in that memory. On the CPU a checkpoint's host snapshot
     # shares it with the state, so the state counts twice there.
-    need = plan["total"] - plan["model"] + (plan["state"] if device.type == "cpu" else 0)
+    snapshot = plan["state"] if device.type == "cpu" else 0
+    log(f"memory: per-neuron state {_fmt_bytes(plan['state'])}, model {_fmt_bytes(plan['model'])}, "
+        f"batch {_fmt_bytes(plan['batch'])}" + (f", checkpoint copy of the state {_fmt_bytes(snapshot)}" if snapshot
+                                                else "")
+        + f" (total {_fmt_bytes(plan['total'] + snapshot)}, {_fmt_bytes(avail)} free on {device})")
+    need = plan["total"] - plan["model"] + snapshot
     if need > avail:
         raise UserError(
             f"recording needs about {_fmt_bytes(need)} on {device} beyond the model but {_fmt_bytes(avail)} "
-            "is free; lower --batch-size, --top-k or the sample sizes"
+            "is free; lower --batch-size, --top-k, --random-k, --quantile-k or --hist-bins"
         )
 
     bos_id = tokenizer.bos_token_id if bos else None
@@ -782,7 +789,6 @@ def _record_locked(cfg, log, out, t_start, lm, corpus, tokenizer, spec, identity
             sample = ref.RandomSample.empty(spec, device)
 
     if progress.get("complete"):
-        log(f"{out} already holds the complete recording; nothing to do")
         return Summary(corpus.n_excerpts, corpus.n_excerpts * cfg.excerpt_len, sum(lm.n_neurons), L,
                        0.0, 0.0, _store_bytes(out), start, True)
 

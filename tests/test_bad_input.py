@@ -145,10 +145,15 @@ def test_store_of_another_run_is_refused_and_untouched(capsys, tmp_path, tiny_mo
                         "--excerpt-len", 8)
     assert "sha256" not in line
     assert tree_digest(out) == before
-    # The same command again finds the run complete and changes nothing.
-    rc, _ = run(capsys, "--model", tiny_models["gpt2"], "--corpus", corpus_file, "--out", out,
-                "--max-excerpts", 40, "--top-k", 3)
+    # The same command again finds the run complete and changes nothing, and says so once (it also
+    # said "Recorded 40 excerpts ... in 0.0 s, recording at 0 tokens/s").
+    rc = main(["record", "--no-progress", "--excerpt-len", "12", "--batch-size", "8", "--model",
+               str(tiny_models["gpt2"]), "--corpus", str(corpus_file), "--out", str(out), "--max-excerpts", "40",
+               "--top-k", "3"])
+    said = capsys.readouterr()
     assert rc == 0 and tree_digest(out) == before
+    assert f"Nothing to do: {out} already holds the complete recording (40 excerpts" in said.out + said.err
+    assert "Recorded" not in said.out + said.err and "tokens/s" not in said.out + said.err
 
 
 def test_unusable_output_paths(capsys, tmp_path, tiny_models, corpus_file):

@@ -93,9 +93,15 @@ def test_bench_refuses_what_record_refuses_before_measuring(tiny_models, tmp_pat
         (["--modes", ""], "--modes must name eager and/or compiled"),
         (["--out", str(tmp_path)], "is a directory"),
         (["--out", str(tmp_path / "missing" / "b.json")], "is not a directory"),
+        (["--out", ""], "--out needs a file name"),                        # wrote nothing, exit 0 before
+        (["--batch-sizes", "2,,3"], "expected comma-separated integers"),  # read as 2,3 before
     ]
     for extra, fragment in cases:
-        assert main(base + extra) == 2, extra
+        try:
+            rc = main(base + extra)
+        except SystemExit as exc:  # argparse's own refusal of a flag's value
+            rc = exc.code
+        assert rc == 2, extra
         captured = capsys.readouterr()
         lines = [l for l in captured.err.splitlines() if l.startswith("neuronatlas")]
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in captured.err, (extra, captured.err)
@@ -202,3 +208,28 @@ def test_compilation_is_never_timed(tiny_models, monkeypatch, capsys):
     for kind, _ in events:
         inside = {"start": True, "end": False}.get(kind, inside)
         assert not (kind == "compile" and inside), kinds
+
+
+def test_bench_random_weights_of_an_uncached_hub_id_offline_fails_at_once(capsys, monkeypatch):
+    """As record does: one line, without the hub client's retries (11 lines and 25 s before)."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    assert main(["bench", "--model", "nobody/no-such-model", "--random-weights"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 20 and len(err.strip().splitlines()) == 1, err
+    assert "unknown model 'nobody/no-such-model'" in err and "cannot be reached" in err
+
+
+def test_bench_names_small_parameter_counts():
+    from engine.bench import _count
+
+    assert [_count(n) for n in (38_728, 124_439_808, 1_557_611_200, 999)] == ["38.7k", "124M", "1.56B", "999"]
