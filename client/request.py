@@ -84,7 +84,9 @@ def prompt_count(kind: str, body: dict) -> int:
 def max_completion_tokens(body: dict) -> int | None:
     """The completion budget the body asks for (max_tokens or max_completion_tokens), per choice."""
     value = body.get("max_completion_tokens", body.get("max_tokens"))
-    return value if isinstance(value, int) else None
+    if isinstance(value, float) and value.is_integer():  # 1000.0: servers that validate with pydantic take it
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def logprobs_requested(kind: str, body: dict) -> bool:

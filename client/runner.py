@@ -109,7 +109,7 @@ class _Job:
 
     __slots__ = ("request", "key", "kind", "body", "model", "payload", "chars", "prompt_est", "completion_est",
                  "has_budget", "future", "attempts", "counted", "failures", "first_sent", "sent_at", "was_dead",
-                 "timer", "in_flight", "outage", "waiters", "cost_est")
+                 "timer", "in_flight", "outage", "waiters", "cost_est", "attempting", "left")
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -130,6 +130,8 @@ class _Job:
         self.outage = False        # waiting after a failure while the server answered nobody
         self.waiters = 1           # callers waiting for it: when the last leaves, an unsent job is withdrawn
         self.cost_est = 0.0        # USD this attempt may cost at most (for max_cost), while in flight
+        self.attempting = False    # from dispatch until its attempt is handled (reply stored, retry queued)
+        self.left = ""             # why it was withdrawn once no caller waited (set when the last one left)
 
     @property
     def tokens_est(self) -> float:
@@ -305,9 +307,9 @@ class Client:
         except asyncio.CancelledError:
             # The caller gave up (a timeout around complete(), a cancelled task): unless another
             # caller waits for it too, a request not sent yet is withdrawn rather than paid for.
-            self._leave(job, "withdrawn: the caller was cancelled before it was sent")
-            if job.future.done():  # withdrawn (or finished meanwhile): counted, though nobody reads it
-                self._count(self._result(request, job.future.result(), shared))
+            self._leave(job, "withdrawn: the caller was cancelled (not sent, or not sent again)")
+            # Counted when it ends (withdrawn, or finished for another caller), though nobody reads it.
+            job.future.add_done_callback(lambda fut: self._count(self._result(request, fut.result(), shared)))
             raise
         result = self._result(request, outcome, shared)
         self._count(result)
@@ -331,7 +333,10 @@ class Client:
 
         Leaving the loop early (break, an exception, closing the generator) reads no more input and
         withdraws the requests it fed that are not sent yet (unless another caller waits for the
-        same request); those in flight finish and are stored."""
+        same request); those in flight finish and are stored. Python closes an async generator when
+        it is dropped: one kept in a variable must be closed (`async with
+        contextlib.aclosing(client.stream(...)) as results:`). An error of the input iterator is
+        raised as soon as it happens, withdrawing the same way."""
         self._usable()
         out: deque[Result] = deque()
         has_out = asyncio.Event()
@@ -381,16 +386,21 @@ class Client:
             while True:
                 while out:
                     yield out.popleft()
+                if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
+                    # The input failed: raised now (the finally withdraws what is not sent yet),
+                    # not after everything read before the error was sent and paid for.
+                    raise feeder.exception()
                 if state["fed"] and state["pending"] == 0:
                     break
                 has_out.clear()
                 await has_out.wait()
-            await feeder  # re-raises an error of the input iterator
         finally:
             if not feeder.done():
                 feeder.cancel()
+            elif not feeder.cancelled():
+                feeder.exception()  # retrieved: a caller who left early gets no "never retrieved" report
             for job in list(waiting.values()):  # empty unless the caller left early
-                self._leave(job, "withdrawn: the caller stopped reading the stream before it was sent")
+                self._leave(job, "withdrawn: the caller stopped reading the stream (not sent, or not sent again)")
             if bar is not None:
                 bar.close()
         if self.abort_reason:
@@ -437,6 +447,9 @@ class Client:
         if budget is None:
             budget = self._chat_completion if job.kind == "chat" else 16  # /completions defaults to 16
         choices = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
+        best_of = body.get("best_of")  # /completions generates (and bills) best_of, returns n of them
+        if job.kind == "completion" and isinstance(best_of, int) and not isinstance(best_of, bool):
+            choices = max(choices, best_of)
         # Capped (a max_tokens of 10**400 would overflow the limiter's float arithmetic): far above
         # any per-minute limit, so such a request still waits for an empty window and goes alone.
         job.completion_est = float(min(max(budget, 0) * choices * prompts, MOST_TOKENS))
@@ -493,6 +506,7 @@ class Client:
             if self._silent_since is None:
                 self._silent_since = now
             job.in_flight = True
+            job.attempting = True
             task = asyncio.create_task(self._attempt(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -525,6 +539,9 @@ class Client:
             # Held until the attempt's cost, if any, is in stats.cost (after the store's write).
             self._in_flight_cost -= job.cost_est
             job.cost_est = 0.0
+            job.attempting = False
+            if job.waiters <= 0:  # every caller left while it was out: not sent again for nobody
+                self._withdraw(job)
 
     def _internal_error(self, exc: Exception) -> str:
         """Stop the run for a bug, naming it (one line); returns that name."""
@@ -727,10 +744,17 @@ class Client:
             self._finish(job, _Outcome(None, Usage(), None, error, job.attempts))
 
     def _leave(self, job: _Job, message: str) -> None:
-        """A caller stopped waiting for `job`: if none waits any more and it is queued or backing off
-        (not in flight, not finished), take it out of the queues and end it unsent."""
+        """A caller stopped waiting for `job`: if none waits any more, it is withdrawn (now if it is
+        queued or backing off, else once its attempt has been handled)."""
         job.waiters -= 1
-        if job.waiters > 0 or job.in_flight or job.future.done():
+        if job.waiters <= 0:
+            job.left = message
+            self._withdraw(job)
+
+    def _withdraw(self, job: _Job) -> None:
+        """Take an abandoned job out of the queues and end it unsent, unless an attempt of it is out
+        (its reply is stored, and then it is withdrawn) or it is finished."""
+        if job.attempting or job.future.done():
             return
         if job.timer is not None:
             job.timer.cancel()
@@ -743,7 +767,7 @@ class Client:
                 pass
         if len(self._fresh) < self._watermark:
             self._room.set()
-        self._interrupt(job, message)
+        self._interrupt(job, job.left or "withdrawn: no caller waits for it")
 
     def _finish(self, job: _Job, outcome: _Outcome) -> None:
         if self._jobs.get(job.key) is job:

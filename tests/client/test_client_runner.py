@@ -316,13 +316,65 @@ async def test_leaving_a_stream_early_withdraws_what_was_not_sent(make_server, s
         attempts = client.stats.attempts
         await asyncio.sleep(1.5)       # ~15 more would have been sent by now
         assert client.stats.attempts == attempts < 20
-        assert client.stats.interrupted >= 250
+        assert client.stats.interrupted >= 250 and client.stats.ok == client.stats.sent_ok
         # The Client is still usable, and what was withdrawn is not stored as failed.
         assert (await client.complete(requests[-1].body)).ok
     assert list(RequestStore(store_path).dead_letters()) == []
     async with Client(fast_config(server, store_path)) as client:
         again = await client.run_many(requests)
     assert all(r.ok for r in again) and served_once(server, requests)
+
+
+async def test_a_caller_leaving_while_its_request_is_out_stops_the_retry(make_server, store_path):
+    # Cancelled while its first attempt is in flight, a request whose attempt then fails must not be
+    # sent again for nobody (it was: the withdrawal only looked at queued requests).
+    calls = []
+
+    def responder(kind, body):
+        calls.append(1)
+        raise ServerError(500, "boom")
+
+    server = make_server(responder=responder, latency_ms=300)
+    async with Client(fast_config(server, store_path)) as client:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.complete(chat_requests(1)[0].body), 0.1)
+        await asyncio.sleep(1.5)   # the 500 came back at 0.3 s; retries back off 0.01-0.2 s
+        assert len(calls) == 1 and client.stats.attempts == 1
+        assert client.stats.interrupted == 1 and client.stats.failed == 1 and client.stats.dead_lettered == 0
+
+
+async def test_an_input_that_fails_is_raised_at_once_and_the_rest_withdrawn(make_server, store_path):
+    server = make_server(latency_ms=5)
+
+    def requests():
+        yield from chat_requests(100)
+        raise ValueError("line 101 of the input is broken")
+
+    async with Client(fast_config(server, store_path, rpm=600)) as client:   # 10 a second
+        got = []
+        with pytest.raises(ValueError, match="line 101"):
+            async for result in client.stream(requests()):
+                got.append(result)
+        await asyncio.sleep(1.0)
+        assert client.stats.attempts < 20 and len(got) < 20     # not the 100 fed before the error
+        assert client.stats.ok == client.stats.sent_ok and client.stats.interrupted == 100 - client.stats.ok
+
+
+async def test_best_of_and_integral_float_max_tokens_count_in_the_cost_ceiling(make_server):
+    from client.runner import _Job
+
+    server = make_server()
+    prices = PriceTable({"m": Price(input=0.0, output=1e6)})   # 1 USD per completion token
+    async with Client(fast_config(server, prices=prices, max_cost=1e9)) as client:
+        def est(kind, **body):
+            job = _Job(Request({"model": "m", "prompt": "x", **body} if kind == "completion" else
+                               {"model": "m", "messages": [], **body}, kind), asyncio.get_running_loop())
+            client._estimate(job)
+            return job.completion_est
+
+        assert est("completion", max_tokens=100) == 100
+        assert est("completion", max_tokens=100, best_of=5) == 500 and est("completion", max_tokens=100, n=5) == 500
+        assert est("chat", max_tokens=1000.0) == 1000 and est("chat", max_completion_tokens=7) == 7
 
 
 async def test_a_request_shared_with_a_stream_is_not_withdrawn_when_the_stream_is_left(make_server, store_path):
