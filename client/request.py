@@ -205,7 +205,8 @@ class Result:
     source: str = "sent"
     """'sent' (sent to the server this run), 'store' (completed or dead-lettered in an earlier run, no
     HTTP), 'shared' (an identical request was in flight at the same time and its outcome was reused),
-    or 'unsent' (the run stopped, or the caller left, before it was sent: not paid)."""
+    or 'unsent' (the run stopped, or the caller left, before it was sent: not paid). When the caller
+    a request was started for leaves and another waits for it, the other's result is 'sent'."""
     attempts: int = 0
     """HTTP attempts this run (0 when served from the store or shared)."""
     usage: Usage = field(default_factory=Usage)

@@ -109,7 +109,7 @@ class _Job:
 
     __slots__ = ("request", "key", "kind", "body", "model", "payload", "chars", "prompt_est", "completion_est",
                  "has_budget", "future", "attempts", "counted", "failures", "first_sent", "sent_at", "was_dead",
-                 "timer", "in_flight", "outage", "waiters", "cost_est", "attempting", "left")
+                 "timer", "in_flight", "outage", "waiters", "cost_est", "attempting", "left", "orphan")
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -132,6 +132,7 @@ class _Job:
         self.cost_est = 0.0        # USD this attempt may cost at most (for max_cost), while in flight
         self.attempting = False    # from dispatch until its attempt is handled (reply stored, retry queued)
         self.left = ""             # why it was withdrawn once no caller waited (set when the last one left)
+        self.orphan = False        # the caller it was started for left, others wait: the next result is 'sent'
 
     @property
     def tokens_est(self) -> float:
@@ -307,11 +308,11 @@ class Client:
         except asyncio.CancelledError:
             # The caller gave up (a timeout around complete(), a cancelled task): unless another
             # caller waits for it too, a request not sent yet is withdrawn rather than paid for.
-            self._leave(job, "withdrawn: the caller was cancelled (not sent, or not sent again)")
+            self._leave(job, "withdrawn: the caller was cancelled (not sent, or not sent again)", owner=not shared)
             # Counted when it ends (withdrawn, or finished for another caller), though nobody reads it.
-            job.future.add_done_callback(lambda fut: self._count(self._result(request, fut.result(), shared)))
+            job.future.add_done_callback(lambda fut: self._count(self._result(request, fut.result(), shared, job)))
             raise
-        result = self._result(request, outcome, shared)
+        result = self._result(request, outcome, shared, job)
         self._count(result)
         return result
 
@@ -342,6 +343,7 @@ class Client:
         has_out = asyncio.Event()
         state = {"pending": 0, "fed": False}
         waiting: dict[int, _Job] = {}  # jobs fed and not finished, by id(): withdrawn if the caller leaves
+        owned: set[int] = set()        # of those, the ones this stream started (not shared from another caller)
 
         def deliver(result: Result) -> None:
             self._count(result)
@@ -351,7 +353,7 @@ class Client:
         def on_done(request: Request, job: _Job, shared: bool, fut: asyncio.Future) -> None:
             state["pending"] -= 1
             waiting.pop(id(job), None)
-            deliver(self._result(request, fut.result(), shared))
+            deliver(self._result(request, fut.result(), shared, job))
 
         async def feed() -> None:
             try:
@@ -368,6 +370,8 @@ class Client:
                         if id(job) in waiting:  # the same request twice in this stream: one waiter is enough
                             job.waiters -= 1
                         waiting[id(job)] = job
+                        if not shared:
+                            owned.add(id(job))
                         job.future.add_done_callback(lambda fut, r=request, j=job, s=shared: on_done(r, j, s, fut))
                     if n % 256 == 255:
                         await asyncio.sleep(0)  # store look-ups are synchronous: let replies in
@@ -400,7 +404,8 @@ class Client:
             elif not feeder.cancelled():
                 feeder.exception()  # retrieved: a caller who left early gets no "never retrieved" report
             for job in list(waiting.values()):  # empty unless the caller left early
-                self._leave(job, "withdrawn: the caller stopped reading the stream (not sent, or not sent again)")
+                self._leave(job, "withdrawn: the caller stopped reading the stream (not sent, or not sent again)",
+                            owner=id(job) in owned)
             if bar is not None:
                 bar.close()
         if self.abort_reason:
@@ -743,13 +748,16 @@ class Client:
             error = RequestError(type, message, status, stopped=True)
             self._finish(job, _Outcome(None, Usage(), None, error, job.attempts))
 
-    def _leave(self, job: _Job, message: str) -> None:
-        """A caller stopped waiting for `job`: if none waits any more, it is withdrawn (now if it is
-        queued or backing off, else once its attempt has been handled)."""
+    def _leave(self, job: _Job, message: str, owner: bool) -> None:
+        """A caller stopped waiting for `job` (`owner`: the one it was started for): if none waits
+        any more, it is withdrawn (now if it is queued or backing off, else once its attempt has
+        been handled); if others do, the first of them to get its result gets it as 'sent'."""
         job.waiters -= 1
         if job.waiters <= 0:
             job.left = message
             self._withdraw(job)
+        elif owner:
+            job.orphan = True
 
     def _withdraw(self, job: _Job) -> None:
         """Take an abandoned job out of the queues and end it unsent, unless an attempt of it is out
@@ -775,7 +783,10 @@ class Client:
         if not job.future.done():
             job.future.set_result(outcome)
 
-    def _result(self, request: Request, outcome: _Outcome, shared: bool) -> Result:
+    def _result(self, request: Request, outcome: _Outcome, shared: bool, job: _Job | None = None) -> Result:
+        if shared and job is not None and job.orphan:
+            job.orphan = False
+            shared = False  # the caller it was started for left: it was sent for this one (attempts, cost)
         if shared:
             return Result(request, raw=outcome.raw, error=outcome.error, source="shared", usage=outcome.usage,
                           cost=0.0 if outcome.cost is not None else None)
