@@ -353,6 +353,7 @@ class Client:
         def on_done(request: Request, job: _Job, shared: bool, fut: asyncio.Future) -> None:
             state["pending"] -= 1
             waiting.pop(id(job), None)
+            owned.discard(id(job))  # ids are reused once a job is gone
             deliver(self._result(request, fut.result(), shared, job))
 
         async def feed() -> None:
