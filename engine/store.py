@@ -122,9 +122,17 @@ def create_store(path: Path, run: dict, tokens_shape: tuple[int, int], vocab: li
 
 def _remove_stale_builds(path: Path) -> None:
     """Remove what a killed creation of `path` left beside it (its process is gone)."""
-    for d in path.parent.glob(f".{path.name}.creating-*"):
+    remove_stale(path.parent, f".{path.name}.creating-")
+
+
+def remove_stale(parent: Path, prefix: str) -> None:
+    """Remove the directories `parent/PREFIX{pid}-...` whose process is gone: what a run killed
+    while building (SIGKILL, a power cut) left behind."""
+    import glob
+
+    for d in Path(parent).glob(glob.escape(prefix) + "*"):
         try:
-            pid = int(d.name.rsplit(".creating-", 1)[1].split("-")[0])
+            pid = int(d.name[len(prefix):].split("-")[0])
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(d, ignore_errors=True)

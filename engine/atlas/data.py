@@ -116,10 +116,20 @@ _imported_index: dict[str, tuple] = {}
 
 
 def imported_explanations_text(store, layer: int, index: int) -> str | None:
-    """The published explanations file imported with a neuron's recording, or None."""
-    import zarr
+    """The published explanations file imported with a neuron's recording, or None; a damaged
+    store's UserError."""
+    from engine import store as st
 
     path = Path(store.path).resolve()
+    try:
+        return _imported_text(path, layer, index)
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError, IndexError, UnicodeDecodeError) as exc:
+        raise st._damaged(store.path, exc) from None
+
+
+def _imported_text(path: Path, layer: int, index: int) -> str | None:
+    import zarr
+
     key = f"{path}@{(path / 'zarr.json').stat().st_mtime_ns}"  # a store replaced at the same path
     if key not in _imported_index:
         root = zarr.open_group(str(path), mode="r")

@@ -282,6 +282,8 @@ def parse_record(path: Path, layer: int, index: int) -> dict:
             raise _Bad(f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
         except RecursionError:
             raise _Bad("is JSON nested too deeply to read") from None
+        except ValueError:  # an integer literal beyond Python's limit of 4,300 digits
+            raise _Bad("holds a number too long to read (an integer of more than 4,300 digits)") from None
         if not isinstance(obj, dict):
             raise _Bad("is not a JSON object")
         if obj.get("dataclass_name", "NeuronRecord") != "NeuronRecord":
@@ -289,9 +291,15 @@ def parse_record(path: Path, layer: int, index: int) -> dict:
         if not isinstance(obj.get("most_positive_activation_records"), list):
             raise _Bad("has no most_positive_activation_records list")
         nid = obj.get("neuron_id")
-        if isinstance(nid, dict) and (nid.get("layer_index", layer), nid.get("neuron_index", index)) != (layer, index):
-            raise _Bad(f"has neuron_id layer {nid.get('layer_index')} neuron {nid.get('neuron_index')}, but its "
-                       f"path says layer {layer} neuron {index}")
+        if nid is not None and not isinstance(nid, dict):
+            raise _Bad("has a neuron_id that is not an object")
+        for key, want in (("layer_index", layer), ("neuron_index", index)):
+            got = (nid or {}).get(key, want)
+            if isinstance(got, bool) or not isinstance(got, int):
+                raise _Bad(f"has a neuron_id.{key} that is not an integer ({json.dumps(got)[:20]})")
+            if got != want:
+                raise _Bad(f"has neuron_id layer {(nid or {}).get('layer_index')} neuron "
+                           f"{(nid or {}).get('neuron_index')}, but its path says layer {layer} neuron {index}")
         quant = obj.get("random_sample_by_quantile") or []
         if not isinstance(quant, list):
             raise _Bad("random_sample_by_quantile is not a list of lists")
@@ -299,8 +307,14 @@ def parse_record(path: Path, layer: int, index: int) -> dict:
         if not isinstance(bounds, list) or not all(
                 b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in bounds):
             raise _Bad("quantile_boundaries is not a list of numbers")
+        top = _records(obj.get("most_positive_activation_records"), "most_positive_activation_records")
+        maxima = [float(a.max()) for _, a in top]
+        if any(b > a for a, b in zip(maxima, maxima[1:])):
+            k = next(k for k in range(len(maxima) - 1) if maxima[k + 1] > maxima[k])
+            raise _Bad(f"most_positive_activation_records are not in decreasing order of their maximum "
+                       f"(record {k + 1}: {maxima[k + 1]:g} after {maxima[k]:g}); their rank sets the splits")
         return {
-            "top": _records(obj.get("most_positive_activation_records"), "most_positive_activation_records"),
+            "top": top,
             "random": _records(obj.get("random_sample"), "random_sample"),
             "quant": [_records(b, f"random_sample_by_quantile[{q}]") for q, b in enumerate(quant)],
             "bounds": [math.nan if b is None else float(b) for b in bounds],
@@ -418,11 +432,25 @@ def _layer_arrays(neurons: dict[int, dict], n: int, ex: _Excerpts, dtype: str, l
     B = max((len(r["bounds"]) for r in recs), default=0)
     T = max((len(t) for r in recs for group in [r["top"], r["random"], *r["quant"]] for t, _ in group), default=1)
     every = [a for r in recs for group in [r["top"], r["random"], *r["quant"]] for _, a in group]
+    # Every record of a layer has the same quantile buckets and boundaries (as a recording's do):
+    # padded to the longest, a record with fewer would be exported with buckets it never had.
+    for what, size, want in (("quantile buckets", lambda r: len(r["quant"]), Q),
+                             ("quantile boundaries", lambda r: len(r["bounds"]), B)):
+        odd = next((i for i, r in neurons.items() if size(r) != want), None)
+        if odd is not None:
+            raise UserError(f"layer {layer}: neuron {odd} has {size(neurons[odd])} {what} where others have {want}; "
+                            "the records of a layer must agree")
     if dtype == "auto":
         with np.errstate(over="ignore"):  # a value beyond float32's range is simply not exact there
             exact = all(np.array_equal(a.astype(np.float32).astype(np.float64), a, equal_nan=True) for a in every)
         dtype = "float32" if exact else "float64"
     adt = np.dtype(dtype)
+    with np.errstate(over="ignore"):
+        beyond = next((a for a in every if not np.isfinite(a.astype(adt)).all()), None)
+        big = None if beyond is None else float(beyond[~np.isfinite(beyond.astype(adt))][0])
+    if beyond is not None:
+        raise UserError(f"layer {layer}: an activation ({big:g}) is beyond the range of {dtype}; import with "
+                        "--dtype float64 (or auto)")
     need = n * ((K + R + Q * S) * T * adt.itemsize + (K + R) * 8 + Q * S * 16 + B * 8 + (IMPORT_HIST_BINS + 2) * 8
                 + 128)
     if need > _memory_budget():
@@ -516,8 +544,11 @@ def import_openai(src: Path, out: Path, dtype: str = "auto", quantile_probs: lis
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".import-work-", dir=parent))
-        build = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=parent))
+        # Named with this process's id: a later import removes what a killed one left.
+        st.remove_stale(parent, ".import-work-")
+        st.remove_stale(parent, f".{out.name}.importing-")
+        work = Path(tempfile.mkdtemp(prefix=f".import-work-{os.getpid()}-", dir=parent))
+        build = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise UserError(f"cannot write next to '{out}': {exc.strerror or exc}") from None
     ex = None

@@ -396,3 +396,83 @@ def test_a_checkpoint_committed_while_reading_is_named(imported_store, capsys):
         pass
     err = capsys.readouterr().err
     assert err.startswith("view: warning:") and "neurons come from different checkpoints" in err
+
+
+def _edited(tmp_path, layer, index, edit) -> Path:
+    """The hand-written published set with one record changed by `edit(record)` (or its raw text
+    replaced when `edit` returns a string)."""
+    from tests.atlas.helpers import write_published
+
+    src = write_published(tmp_path / "src")
+    path = src / "collated-activations" / str(layer) / f"{index}.json"
+    rec = json.loads(path.read_text())
+    got = edit(rec)
+    path.write_text(got if isinstance(got, str) else json.dumps(rec))
+    return src
+
+
+def _set(rec, path, value):
+    *head, last = path
+    for key in head:
+        rec = rec[key]
+    rec[last] = value
+
+
+@pytest.mark.parametrize("edit, needle", [
+    # Each came out as a traceback, was taken silently, or changed the other neurons' records.
+    (lambda r: json.dumps(r).replace("2.25", "1" + "0" * 5000), "a number too long to read"),
+    (lambda r: _set(r, ["neuron_id", "neuron_index"], "0"), "neuron_id.neuron_index that is not an integer (\"0\")"),
+    (lambda r: _set(r, ["neuron_id", "neuron_index"], False), "neuron_id.neuron_index that is not an integer (false)"),
+    (lambda r: _set(r, ["neuron_id", "layer_index"], 0.0), "neuron_id.layer_index that is not an integer (0.0)"),
+    (lambda r: r["most_positive_activation_records"].reverse(), "not in decreasing order of their maximum"),
+    (lambda r: _set(r, ["quantile_boundaries"], [0.9, 1.0, 2.0]), "has 1 quantile boundaries where others have 3"),
+    (lambda r: r["random_sample_by_quantile"].append([]), "has 2 quantile buckets where others have 3"),
+])
+def test_import_refuses_records_it_cannot_keep_as_they_are(tmp_path, capsys, edit, needle):
+    src = _edited(tmp_path, 0, 0, edit)
+    assert main(["import", str(src), "--out", str(tmp_path / "store"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "store").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_import_refuses_values_beyond_the_asked_dtype(tmp_path, capsys):
+    def edit(rec):
+        rec["most_positive_activation_records"][0]["activations"][1] = 1e308
+    src = _edited(tmp_path, 0, 0, edit)
+    assert main(["import", str(src), "--out", str(tmp_path / "f32"), "--no-progress", "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "an activation (1e+308) is beyond the range of float32; import with --dtype float64" in err, err
+    assert main(["import", str(src), "--out", str(tmp_path / "auto"), "--no-progress"]) == 0   # float64
+    assert open_store(tmp_path / "auto").neuron(0, 0).max == 1e308
+
+
+def test_import_removes_what_a_killed_import_left(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from tests.atlas.helpers import write_published
+
+    src = write_published(tmp_path / "src")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that is gone
+    left = [tmp_path / f".import-work-{dead.pid}-abc", tmp_path / f".store.importing-{dead.pid}-def"]
+    alive = tmp_path / f".import-work-{1}-xyz"  # pid 1 is alive: not ours to remove
+    for d in left + [alive]:
+        d.mkdir()
+        (d / "layer0.npz").write_bytes(b"x" * 1000)
+    assert main(["import", str(src), "--out", str(tmp_path / "store"), "--no-progress"]) == 0
+    assert not any(d.exists() for d in left) and alive.exists()
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [alive.name]
+
+
+def test_a_damaged_imported_explanations_group_is_one_line(imported_store, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(imported_store, bad)
+    shutil.rmtree(bad / data.IMPORTED_EXPLANATIONS / "bytes")
+    for argv in (["show", str(bad), "0", "0"], ["export", str(bad), "--out", str(tmp_path / "e"), "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is damaged or incomplete" in err and "Traceback" not in err, err
