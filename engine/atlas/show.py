@@ -110,7 +110,7 @@ def excerpt_lines(tokens: list[str], acts: list[float], pos_scale: float, neg_sc
             strong = (a > 0 and pos_scale > 0 and a >= BRACKET_AT * pos_scale) or (
                 a < 0 and neg_scale > 0 and -a >= BRACKET_AT * neg_scale)
             if strong:
-                text = f"[{text}:{a:.2f}]"
+                text = f"[{text}:{a:.2f}]" if abs(a) < 1e5 else f"[{text}:{a:.3e}]"  # not 309 digits
             pieces.append((text, text))
         else:
             sgr = shade(a, pos_scale, neg_scale, mode)
@@ -158,6 +158,7 @@ def render(store, layer: int, index: int, mode: str = "none", width: int = 100, 
            random: int = 5, per_quantile: int = 2, negative: int = 5) -> str:
     """The terminal view of neuron `index` of `layer`."""
     rec = store.neuron(layer, index)
+    layer, index = rec.neuron_id.layer_index, rec.neuron_id.neuron_index  # -1: the last, named as such
     expls = data.explanations(store, layer, index)
     recs = rec.most_positive_activation_records + rec.random_sample + [
         r for b in rec.random_sample_by_quantile for r in b]

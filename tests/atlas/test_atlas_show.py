@@ -116,6 +116,30 @@ def test_bad_neuron(hostile_store, capsys):
         assert err.count("\n") == 1 and f"--width {width}: give at least 20 columns" in err
 
 
+def test_negative_numbers_are_named_as_the_neuron_they_select(hostile_store, capsys):
+    assert main(["show", str(hostile_store), "-1", "-72", "--color", "none"]) == 0
+    out = capsys.readouterr().out
+    assert main(["show", str(hostile_store), "1", "0", "--color", "none"]) == 0
+    assert out.startswith("layer 1 · neuron 0") and out == capsys.readouterr().out
+
+
+def test_huge_values_are_printed_in_exponent_form(tmp_path, capsys):
+    import json
+
+    from tests.atlas.helpers import published_records
+
+    rec = json.loads(json.dumps(published_records()[(0, 1)]))
+    rec["most_positive_activation_records"][0]["activations"][0] = 1e308
+    src = tmp_path / "src" / "collated-activations" / "0" / "1.json"
+    src.parent.mkdir(parents=True)
+    src.write_text(json.dumps(rec))
+    assert main(["import", str(tmp_path / "src"), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "s"), "0", "1", "--color", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "[ sat:1.000e+308]" in out and "0000000000" not in out
+
+
 def test_a_layer_without_neurons(imported_store, capsys):
     """Layer 1 is missing from the imported records: it has no neurons (not 'neurons 0..-1')."""
     assert main(["show", str(imported_store), "1", "0"]) == 2
