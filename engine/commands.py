@@ -89,6 +89,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from engine.store import open_store
 
     s = open_store(args.store)
+    ck = s.progress.get("checkpoint")
+    if ck and not (s.path / str(ck) / "zarr.json").is_file() and not s._follow(ck):
+        # The committed checkpoint is gone (and no recording has moved on from it): every read would fail.
+        from engine.store import _damaged
+
+        raise _damaged(s.path, FileNotFoundError(f"its committed checkpoint '{ck}' is missing"))
     if args.json:
         print(json.dumps(s.attrs, indent=2, default=str))
         return 0
@@ -98,10 +104,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     done = prog["excerpts_done"]
     spec = run["spec"]
     state = "complete" if prog["complete"] else ("in progress" if prog.get("checkpoint") else "started, no checkpoint yet")
+    widths = sorted(set(s.n_neurons))
+    per_layer = (f"{widths[0]:,} per layer" if len(widths) == 1
+                 else "per layer: " + ", ".join(f"{n:,}" for n in s.n_neurons[:12]) + (", ..." if s.n_layers > 12 else ""))
     lines = [
         f"store        {s.path}  (format {s.attrs['format_version']}, created {s.attrs.get('created')})",
         f"model        {m['name']}  [{m['architecture']}, {m['model_type']}, revision {m.get('revision')}]",
-        f"neurons      {sum(s.n_neurons):,} in {s.n_layers} layers ({', '.join(map(str, sorted(set(s.n_neurons))))} per layer)",
+        f"neurons      {sum(s.n_neurons):,} in {s.n_layers} layers ({per_layer})",
         f"dtype        {run['dtype']}   bos {run['bos']}   torch {run.get('torch')}",
         f"corpus       {json.dumps({k: v for k, v in run['corpus'].items() if k not in ('separator', 'tokens_sha256')})}",
         f"excerpts     {n_total:,} of {run['excerpt_len']} tokens",

@@ -361,6 +361,13 @@ def test_damaged_stores_are_reported_in_one_line(capsys, tmp_path, tiny_models, 
         assert main(["show", str(bad), "1", "0"]) == 2, damage
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is damaged or incomplete" in err[0], (damage, err)
+    # info too, when the committed checkpoint itself is gone (it said "complete").
+    bad = tmp_path / "bad-checkpoint"
+    shutil.copytree(out, bad)
+    shutil.rmtree(next(bad.glob("checkpoints/*/layers")).parent)
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is damaged or incomplete" in err[0] and "committed checkpoint" in err[0], err
     # Resuming from a checkpoint with a chunk gone is refused the same way, not continued from zeros;
     # so is a complete store whose token rows are gone (it was "complete, nothing to do").
     for name in ("bad-top_acts-chunk", "bad-token-chunk"):
