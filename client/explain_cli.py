@@ -211,12 +211,28 @@ def top_command(args) -> int:
     groups = [g for g in res.ResultsGroup.all(args.store)
               if (args.explainer_model is None or g.explainer_model == args.explainer_model)
               and (args.simulator_model is None or g.simulator_model == args.simulator_model)]
-    if not groups:
+    imported = []
+    if not groups and args.explainer_model is None and args.simulator_model is None:
+        # An imported recording's published explanations (OpenAI's, scored by them): ranked by
+        # their score (ev_correlation_score), the best of each neuron.
+        from engine.atlas import data
+
+        for layer, index in data.imported_neurons(store):
+            if layers is not None and layer not in layers:
+                continue
+            expls = data.explanations(store, layer, index)
+            best = data.best([e for e in expls if e.source == "imported"])
+            if best is not None:
+                imported.append({"layer": layer, "neuron": index, "explanation": best.text, "status": "scored",
+                                 "score": best.score, "key": "imported"})
+        if imported and field != "score":
+            raise UserError(f"the explanations imported with {args.store} carry only a score: use --by score")
+    if not groups and not imported:
         raise UserError(f"no explanations in {args.store}" + (" for those models" if args.explainer_model or
                         args.simulator_model else "") + ": run `neuronatlas explain`, `simulate` and `score` first")
     rows, undefined, unscored, failed = [], 0, 0, 0
-    for g in groups:
-        for rec in g.records(layers):
+    for records in [g.records(layers) for g in groups] + [imported]:
+        for rec in records:
             value = rec.get(field)
             if rec.get("status") == "failed":
                 failed += 1

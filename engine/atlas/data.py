@@ -127,10 +127,26 @@ def imported_explanations_text(store, layer: int, index: int) -> str | None:
         raise st._damaged(store.path, exc) from None
 
 
+def imported_neurons(store) -> list[tuple[int, int]]:
+    """(layer, neuron) of every neuron whose published explanations were imported with the store."""
+    from engine import store as st
+
+    path = Path(store.path).resolve()
+    try:
+        _imported_text(path, -1, -1)  # loads the index
+        return sorted(_imported_index[_index_key(path)][0])
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError, IndexError) as exc:
+        raise st._damaged(store.path, exc) from None
+
+
+def _index_key(path: Path) -> str:
+    return f"{path}@{(path / 'zarr.json').stat().st_mtime_ns}"  # a store replaced at the same path
+
+
 def _imported_text(path: Path, layer: int, index: int) -> str | None:
     import zarr
 
-    key = f"{path}@{(path / 'zarr.json').stat().st_mtime_ns}"  # a store replaced at the same path
+    key = _index_key(path)
     if key not in _imported_index:
         root = zarr.open_group(str(path), mode="r")
         if IMPORTED_EXPLANATIONS in root:

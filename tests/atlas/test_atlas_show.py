@@ -171,3 +171,18 @@ def test_most_negative_excerpts_are_headed_by_their_minimum():
     assert [line.split()[0] for line in lines[1:3]] == ["-3.062", "-1.5"]
     lines = _section("Top", recs, 10, 1.0, 3.0, "none", 80)
     assert [line.split()[0] for line in lines[1:3]] == ["0.5", "0.75"]
+
+
+def test_top_ranks_the_explanations_imported_with_a_recording(imported_store, capsys):
+    """It said "no explanations: run explain" while show, view and export showed them."""
+    import json
+
+    assert main(["top", str(imported_store), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["layer"], r["neuron"], r["score"], r["explanation"]) for r in rows] == [
+        (0, 0, 0.61, "cat, and markup like <b>bold</b> & co"), (2, 3, 0.35, "the word cat")]
+    assert main(["top", str(imported_store), "--layers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "the word cat" in out and "markup" not in out
+    assert main(["top", str(imported_store), "--by", "rsquared"]) == 2
+    assert "carry only a score" in capsys.readouterr().err
