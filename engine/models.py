@@ -200,6 +200,9 @@ def load_tokenizer(name: str, revision: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, **kw)
     except Exception as exc:  # OSError, ValueError, and whatever a damaged tokenizer file raises
+        if gguf:  # the tokenizer is read first: its failure is usually the file's, not the tokenizer's
+            raise UserError(f"cannot read the GGUF file of '{name}' (cut short or damaged?): "
+                            f"{_first_line(exc)}") from None
         if Path(path).exists():
             raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(exc)}") from None
         raise UserError(f"unknown model '{name}': no such local path, and from the hub: {_first_line(exc)}") from None

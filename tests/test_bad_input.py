@@ -507,3 +507,16 @@ def test_paths_with_a_tilde_not_expanded_by_the_shell(capsys, tmp_path, tiny_mod
     rc, lines = run(capsys, "--model=~/m", "--corpus=~/c.txt", "--out=~/s", "--max-excerpts", 16)
     assert rc == 0, lines
     assert (tmp_path / "s" / "checkpoints").is_dir() and not Path("~").exists()
+
+
+def test_a_gguf_file_cut_short_is_named_as_such(capsys, tmp_path, corpus_file):
+    """Its tokenizer is read first: the failure was reported as the tokenizer's ("cannot reshape")."""
+    from engine.models import embedded_gguf
+
+    cut = tmp_path / "cut.gguf"
+    with open(embedded_gguf(), "rb") as f:
+        cut.write_bytes(f.read(5 << 20))
+    line = expect_error(capsys, f"cannot read the GGUF file of '{cut}' (cut short or damaged?)", "--model", cut,
+                        "--corpus", corpus_file, "--out", tmp_path / "s")
+    assert "tokenizer" not in line
+    assert not (tmp_path / "s").exists()
