@@ -613,7 +613,7 @@ def attach(lm: LoadedModel, states: list, spec: ref.ReductionSpec, updates: Upda
         # The reference runs outside a compiled graph. With the whole hook outside it too, the
         # graph breaks at the hook call: traced, the code after the break inside the hook was
         # guarded on the layer (len(flags)) and recompiled once per layer until dynamo's limit of
-        # 8, after which the rest of the forward pass ran uncompiled.
+        # 8, warning, on any model deeper than that.
         hook = torch.compiler.disable(on_layer)
     handles = make_hooks(lm, hook)
 
