@@ -63,6 +63,8 @@ def group_key(explainer: str, simulator: str, prompt_version: str) -> str:
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone surrogate ("\\ud800" in JSON: half an emoji): no character, and not encodable as UTF-8.
+Corpora, explanations and results files replace it with U+FFFD."""
 
 
 def json_safe(value):

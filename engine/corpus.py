@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from client.results import LONE_SURROGATE
 from engine.errors import UserError
 
 EMBEDDED = "stdlib"
@@ -53,10 +53,6 @@ def stdlib_docstrings() -> Iterator[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 20:
                     yield doc
-
-
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-"""A lone surrogate ("\\ud800" in JSON: half an emoji): no character, and not encodable as UTF-8."""
 
 
 def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
