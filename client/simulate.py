@@ -588,10 +588,10 @@ async def probe_mode(config, mode: str, model: str, top_logprobs: int = 5) -> st
         result = await client.submit(request)
     if result.error is not None:
         err = result.error
-        # Only a clear refusal says the mode cannot work; a failure that retries might have got past
-        # (a 200 wrapping an upstream error, a cut-off body, a 5xx) says nothing of the mode.
-        if err.stopped or err.retryable or err.type in ("connection", "timeout", "interrupted", "auth") \
-                or (err.status or 0) >= 500 or err.status == 429:
+        # Only a clear refusal says the mode cannot work. A failure that retries might have got past
+        # (a 5xx or 429, a timeout, a dropped connection, a 200 wrapping an upstream error, a cut-off
+        # body: all retryable) or a stopped run (a refused key, Ctrl-C) says nothing of the mode.
+        if err.stopped or err.retryable:
             raise ModeRefused(f"could not ask {cfg.base_url} what it can do ({err}); check the server and retry")
         return str(err)
     return probe_problem(mode, result.response)
