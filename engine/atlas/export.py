@@ -440,17 +440,18 @@ def _layer_arrays(neurons: dict[int, dict], n: int, ex: _Excerpts, dtype: str, l
         if odd is not None:
             raise UserError(f"layer {layer}: neuron {odd} has {size(neurons[odd])} {what} where others have {want}; "
                             "the records of a layer must agree")
-    if dtype == "auto":
+    if dtype == "auto":  # float32 only when it keeps every value exactly (so within its range)
         with np.errstate(over="ignore"):  # a value beyond float32's range is simply not exact there
             exact = all(np.array_equal(a.astype(np.float32).astype(np.float64), a, equal_nan=True) for a in every)
         dtype = "float32" if exact else "float64"
+    else:  # asked for: it may round, but must not make a value infinite
+        with np.errstate(over="ignore"):
+            big = next((float(a[~np.isfinite(a.astype(dtype))][0]) for a in every
+                        if not np.isfinite(a.astype(dtype)).all()), None)
+        if big is not None:
+            raise UserError(f"layer {layer}: an activation ({big:g}) is beyond the range of {dtype}; import with "
+                            "--dtype float64 (or auto)")
     adt = np.dtype(dtype)
-    with np.errstate(over="ignore"):
-        beyond = next((a for a in every if not np.isfinite(a.astype(adt)).all()), None)
-        big = None if beyond is None else float(beyond[~np.isfinite(beyond.astype(adt))][0])
-    if beyond is not None:
-        raise UserError(f"layer {layer}: an activation ({big:g}) is beyond the range of {dtype}; import with "
-                        "--dtype float64 (or auto)")
     need = n * ((K + R + Q * S) * T * adt.itemsize + (K + R) * 8 + Q * S * 16 + B * 8 + (IMPORT_HIST_BINS + 2) * 8
                 + 128)
     if need > _memory_budget():
