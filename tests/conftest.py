@@ -26,3 +26,18 @@ def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n\n".join(corpus_texts(120)), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub client online but its endpoint a loopback port nothing listens on: an uncached hub
+    id must fail at once, in one line, without the hub client's retries."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")

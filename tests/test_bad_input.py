@@ -44,18 +44,10 @@ def test_unknown_model(capsys, tmp_path, corpus_file):
     assert not (tmp_path / "s").exists(), "nothing is created for a run that cannot start"
 
 
-def test_a_hub_id_without_a_network_fails_at_once(capsys, tmp_path, corpus_file, monkeypatch):
+def test_a_hub_id_without_a_network_fails_at_once(capsys, tmp_path, corpus_file, unreachable_hub):
     """Not cached and the hub unreachable: one line, without huggingface_hub's minute of retries."""
-    import socket
     import time
 
-    from huggingface_hub import constants
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     start = time.monotonic()
     line = expect_error(capsys, "unknown model 'nobody/no-such-model': no such local path, not in the Hugging Face "
                         "cache, and the hub (127.0.0.1) cannot be reached", "--model", "nobody/no-such-model",
