@@ -109,7 +109,7 @@ class _Job:
 
     __slots__ = ("request", "key", "kind", "body", "model", "payload", "chars", "prompt_est", "completion_est",
                  "has_budget", "future", "attempts", "counted", "failures", "first_sent", "sent_at", "was_dead",
-                 "timer", "in_flight", "outage", "waiters", "cost_est", "attempting", "left", "orphan")
+                 "timer", "outage", "waiters", "cost_est", "attempting", "left", "orphan")
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -126,7 +126,6 @@ class _Job:
         self.sent_at = 0.0
         self.was_dead = False
         self.timer: asyncio.TimerHandle | None = None
-        self.in_flight = False
         self.outage = False        # waiting after a failure while the server answered nobody
         self.waiters = 1           # callers waiting for it: when the last leaves, an unsent job is withdrawn
         self.cost_est = 0.0        # USD this attempt may cost at most (for max_cost), while in flight
@@ -511,7 +510,6 @@ class Client:
             job.sent_at = now
             if self._silent_since is None:
                 self._silent_since = now
-            job.in_flight = True
             job.attempting = True
             task = asyncio.create_task(self._attempt(job))
             self._tasks.add(task)
@@ -563,7 +561,6 @@ class Client:
             try:
                 reply = await self.transport.post(job.kind, job.payload)
             finally:
-                job.in_flight = False
                 self.limits.release()
         except TransportError as exc:
             self.limits.on_trouble(job.sent_at)
